@@ -1,0 +1,39 @@
+# physnb: two commands for a fresh clone (see README):
+#   make main   set up .venv, then run the main job (writes runs/main/)
+#   make test   set up .venv, then run the whole test suite (notebooks + tests/)
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+EXTRAS  ?= dev,oracles
+OUT     ?= runs/main
+export OMP_NUM_THREADS ?= 1
+export MKL_NUM_THREADS ?= 1
+
+.PHONY: setup main test test-notebooks test-pytest bench clean-check
+setup: $(VENV)/.physnb-installed
+
+# torch goes in first and on its own: an unpinned torch would pull GBs of CUDA wheels
+$(VENV)/.physnb-installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+main: setup
+	$(BIN)/physnb main --out $(OUT)
+
+test: setup
+	$(MAKE) --no-print-directory test-notebooks test-pytest
+
+test-notebooks:
+	PHYSNB_PROGRESS=0 PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev-test --n-workers 2 --timing
+
+# pytest exits 5 when it collects nothing; that is not a failure of the suite
+test-pytest:
+	PHYSNB_PROGRESS=0 PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -ra tests; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+bench: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/bench_pdes.py
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/bench_fno.py

@@ -1,0 +1,46 @@
+"""House rules for the notebooks that nbdev-test itself cannot check."""
+import json, re
+from pathlib import Path
+
+import pytest
+
+NBS = Path(__file__).resolve().parents[1] / 'nbs'
+NOTEBOOKS = sorted(p for p in NBS.glob('*.ipynb') if not p.name.startswith('_'))
+# experiment notebooks define no module (no `#| default_exp`); each must keep its papermill `parameters` tag
+EXPERIMENTS = [p for p in NOTEBOOKS if not ''.join(json.loads(p.read_text())['cells'][0]['source']).startswith('#| default_exp')]
+
+def cells(p): return json.loads(p.read_text())['cells']
+
+def test_there_are_numbered_notebooks():
+    assert NOTEBOOKS and all(re.match(r'^\d\d[a-z]?_\w+\.ipynb$', p.name) for p in NOTEBOOKS), [p.name for p in NOTEBOOKS]
+
+@pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_opens_with_title_and_summary(nb):
+    cs = cells(nb)
+    md = next(c for c in cs if c['cell_type'] == 'markdown')
+    text = ''.join(md['source'])
+    assert re.search(r'^# \S', text, re.M), f'{nb.name}: first markdown cell needs an H1'
+    assert re.search(r'^> \S', text, re.M), f'{nb.name}: first markdown cell needs a one-line > summary'
+    if nb not in EXPERIMENTS:
+        assert ''.join(cs[0]['source']).startswith('#| default_exp'), f'{nb.name}: first cell must be #| default_exp'
+
+@pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_clean(nb):
+    for c in cells(nb):
+        if c['cell_type'] == 'code':
+            assert not c.get('outputs') and c.get('execution_count') is None, f'{nb.name}: run nbdev-clean (outputs left in)'
+
+@pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: p.name)
+def test_nbdev_export_cell_is_skipped_by_papermill(nb):
+    for c in cells(nb):
+        if c['cell_type'] == 'code' and 'nbdev_export(' in ''.join(c['source']):
+            assert 'skip-execution' in c['metadata'].get('tags', []), f'{nb.name}: tag the nbdev_export() cell skip-execution'
+
+@pytest.mark.parametrize('nb', EXPERIMENTS or [None], ids=lambda p: getattr(p, 'name', 'none'))
+def test_experiment_parameters_are_typed_and_commented(nb):
+    if nb is None: pytest.skip('no experiment notebooks yet')
+    ps = [c for c in cells(nb) if 'parameters' in c['metadata'].get('tags', [])]
+    assert len(ps) == 1, f'{nb.name}: exactly one parameters cell'
+    for line in ''.join(ps[0]['source']).splitlines():
+        if line.strip() and not line.lstrip().startswith('#'):
+            assert re.match(r'^\w+\s*:\s*[\w\[\], |]+\s*=.+#\s*\S', line), f'{nb.name}: parameter line needs a type and a comment: {line!r}'
