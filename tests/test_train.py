@@ -1,0 +1,193 @@
+"physnb.train: bit-identical resume after a real SIGKILL, DDP under torchrun equals one process, freezing, config checks."
+import json, os, shutil, subprocess, sys, textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from physnb.core import load_checkpoint
+from physnb.train import TrainConfig, Trainer, lr_factor
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PHYSNB_PROGRESS': '0', 'PYTHONPATH': str(ROOT)}
+
+# The child script: a small conv net with dropout on heat-equation pairs; shuffled data, per-step cosine
+# with warm-up, AdamW, grad clipping. It can SIGKILL itself after a given step or epoch (a real kill: no
+# cleanup, no finally blocks), and it writes the final weights to `final.safetensors`.
+SCRIPT = textwrap.dedent('''
+    import os, signal, sys
+    import torch
+    from torch import nn
+    from physnb.core import save_checkpoint
+    from physnb.train import TrainConfig, Trainer
+    torch.set_num_threads(1)
+    out_dir, kill_event, kill_at, seed, dropout = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+
+    def pairs(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        k = torch.fft.fftfreq(32, 1 / 32)
+        u0 = torch.fft.ifft(torch.randn(n, 32, dtype=torch.complex64, generator=g) / (1 + k.abs()) ** 1.5).real * 32
+        ut = torch.fft.ifft(torch.fft.fft(u0) * torch.exp(-2.0 * (2 * torch.pi * k / 32) ** 2)).real
+        return torch.utils.data.TensorDataset(u0[:, None].float(), ut[:, None].float())
+
+    torch.manual_seed(seed)                       # the resumed run starts from *different* random weights
+    model = nn.Sequential(nn.Conv1d(1, 8, 5, padding=2, padding_mode='circular'), nn.GELU(), nn.Dropout(dropout),
+                          nn.Conv1d(8, 1, 5, padding=2, padding_mode='circular'))
+    def killer(trainer, event):
+        now = trainer.step if event == 'step' else trainer.epoch
+        if event == kill_event and now == kill_at: os.kill(os.getpid(), signal.SIGKILL)
+    config = TrainConfig(epochs=4, batch_size=32, lr=3e-3, optimizer='adamw', weight_decay=1e-2, schedule_unit='step',
+                         warmup=4, grad_clip=1.0, device='cpu', out_dir=out_dir, save_every=5, progress=False)
+    trainer = Trainer(model, pairs(256, 0), pairs(64, 1), config, callbacks=[killer])
+    print('TRAINING_STARTED', trainer.rank, flush=True)
+    result = trainer.fit()
+    print('TRAINING_DONE', trainer.rank, result['steps'], flush=True)
+    if trainer.rank == 0:
+        save_checkpoint(os.path.join(out_dir, 'final.safetensors'), model=trainer.model.state_dict(), history=result['history'])
+''')
+
+
+def _run(tmp_path, *args, launcher=None, timeout=240):
+    script = tmp_path / 'child.py'
+    script.write_text(SCRIPT)
+    cmd = (launcher or [sys.executable]) + [str(script), *map(str, args)]
+    return subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+
+
+def _final(out_dir):
+    return load_checkpoint(Path(out_dir) / 'final.safetensors')
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+    "Run A: 4 epochs of 8 steps in one process, never killed."
+    tmp = tmp_path_factory.mktemp('one')
+    a = _run(tmp, tmp / 'a', 'never', -1, 0, 0.1)
+    assert a.returncode == 0, a.stderr[-3000:]
+    return tmp / 'a'
+
+
+@pytest.mark.parametrize('kill_event,kill_at', [('epoch', 2), ('step', 13)])
+def test_resume_after_sigkill_is_bit_identical(tmp_path, uninterrupted, kill_event, kill_at):
+    """Run A trains 4 epochs (8 steps each) in one go. Run B SIGKILLs itself after epoch 2, or at step 13
+    (its last checkpoint is step 10, mid-epoch), then a fresh process with other initial weights resumes."""
+    killed = _run(tmp_path, tmp_path / 'b', kill_event, kill_at, 0, 0.1)
+    assert killed.returncode == -9, (killed.returncode, killed.stderr[-3000:])          # really killed
+    assert 'TRAINING_DONE' not in killed.stdout
+    saved = load_checkpoint(tmp_path / 'b' / 'last.safetensors')['trainer']
+    assert (saved['epoch'], saved['step_in_epoch']) == ((2, 0) if kill_event == 'epoch' else (1, 2))
+    resumed = _run(tmp_path, tmp_path / 'b', 'never', -1, 123, 0.1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    wa, wb = _final(uninterrupted), _final(tmp_path / 'b')
+    for name, tensor in wa['model'].items():
+        assert torch.equal(tensor, wb['model'][name]), name
+    for ra, rb in zip(wa['history'], wb['history']):
+        assert (ra['train_loss'], ra['valid_metric'], ra['lr']) == (rb['train_loss'], rb['valid_metric'], rb['lr'])
+    assert json.loads((tmp_path / 'b' / 'history.json').read_text())[-1]['step'] == 32
+
+
+def _torchrun():
+    exe = shutil.which('torchrun') or str(Path(sys.executable).with_name('torchrun'))
+    if not Path(exe).exists(): pytest.skip('torchrun is not installed')
+    return [exe, '--standalone', '--nproc_per_node', '2']
+
+
+def _torchrun_or_skip(result):
+    "Skip (not fail) when torchrun could not even start its process group on this machine."
+    out = result.stdout + result.stderr
+    if result.returncode != 0 and 'TRAINING_STARTED' not in out and 'physnb' not in out and 'child.py' not in out:
+        pytest.skip(f'torchrun could not start: {result.stderr[-500:]}')
+    return result
+
+
+@pytest.fixture(scope='module')
+def ddp_run(tmp_path_factory):
+    "One uninterrupted 2-rank gloo run (global batch 32, 16 per rank), shared by the DDP tests."
+    tmp = tmp_path_factory.mktemp('ddp')
+    result = _torchrun_or_skip(_run(tmp, tmp / 'two', 'never', -1, 0, 0.1, launcher=_torchrun()))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return tmp, result
+
+
+@pytest.mark.slow
+def test_ddp_under_torchrun_matches_one_process(tmp_path, ddp_run):
+    "Two gloo ranks on a global batch of 32 (16 each) follow the single-process run on the same batches."
+    tmp, ddp = ddp_run
+    assert ddp.stdout.count('TRAINING_DONE') == 2                                     # both ranks trained ...
+    assert sorted(p.name for p in (tmp / 'two').iterdir() if not p.name.startswith('.')) == \
+        ['best.safetensors', 'final.safetensors', 'history.json', 'last.safetensors']   # ... rank 0 wrote
+    # dropout masks differ per rank (rank r is seeded seed + r), so the comparison runs with dropout off
+    plain_one = _run(tmp_path, tmp_path / 'one0', 'never', -1, 0, 0.0)
+    plain_two = _torchrun_or_skip(_run(tmp_path, tmp_path / 'two0', 'never', -1, 0, 0.0, launcher=_torchrun()))
+    assert plain_one.returncode == 0 and plain_two.returncode == 0, plain_two.stderr[-3000:]
+    one, two = _final(tmp_path / 'one0'), _final(tmp_path / 'two0')
+    for name, tensor in one['model'].items():
+        torch.testing.assert_close(two['model'][name], tensor, rtol=1e-4, atol=1e-5)
+    assert len(one['history']) == len(two['history']) == 4
+    for r1, r2 in zip(one['history'], two['history']):
+        assert r1['step'] == r2['step'] == 8 * (r1['epoch'] + 1)                     # same number of global steps
+        assert r1['train_loss'] == pytest.approx(r2['train_loss'], rel=1e-5)
+        assert r1['valid_metric'] == pytest.approx(r2['valid_metric'], rel=1e-5)   # all-reduced over both shards
+
+
+@pytest.mark.slow
+def test_ddp_resume_after_sigkill_is_bit_identical(tmp_path, ddp_run):
+    "Both ranks SIGKILL themselves at step 13 (checkpoint at step 10); torchrun relaunched resumes bit-identically."
+    tmp, _ = ddp_run
+    killed = _torchrun_or_skip(_run(tmp_path, tmp_path / 'b', 'step', 13, 0, 0.1, launcher=_torchrun()))
+    assert killed.returncode != 0 and 'TRAINING_DONE' not in killed.stdout
+    assert load_checkpoint(tmp_path / 'b' / 'last.safetensors')['trainer']['step'] == 10
+    resumed = _run(tmp_path, tmp_path / 'b', 'never', -1, 123, 0.1, launcher=_torchrun())
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    wa, wb = _final(tmp / 'two'), _final(tmp_path / 'b')
+    for name, tensor in wa['model'].items():
+        assert torch.equal(tensor, wb['model'][name]), name
+    assert [r['valid_metric'] for r in wa['history']] == [r['valid_metric'] for r in wb['history']]
+
+
+def _pairs(n=64):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 16, generator=g)
+    return torch.utils.data.TensorDataset(x, 2 * x.roll(1, -1))
+
+
+def test_frozen_parameters_never_move_and_never_reach_the_optimiser():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.Conv1d(4, 1, 3, padding=1))
+    model[0].requires_grad_(False)
+    before = [p.clone() for p in model[0].parameters()]
+    trainer = Trainer(model, _pairs(), config=TrainConfig(epochs=2, batch_size=16, device='cpu', progress=False))
+    trainer.fit()
+    assert all(torch.equal(a, b) for a, b in zip(before, model[0].parameters()))
+    in_optimiser = {id(p) for g in trainer.optimizer.param_groups for p in g['params']}
+    assert in_optimiser == {id(p) for p in model[1].parameters()}
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    def trainer(**kw):
+        torch.manual_seed(0)
+        recipe = dict(epochs=2, batch_size=16, device='cpu', progress=False, out_dir=str(tmp_path))
+        return Trainer(nn.Conv1d(1, 1, 3, padding=1), _pairs(), config=TrainConfig(**{**recipe, **kw}))
+    trainer().fit()
+    with pytest.raises(ValueError, match=r"batch_size=16.*batch_size=32"):
+        trainer(batch_size=32).fit()
+    trainer(save_every=3, eval_every=2).fit()                      # watching differently is allowed
+    trainer(batch_size=32).fit(resume=False)                       # or start over explicitly
+
+
+def test_cosine_per_epoch_is_the_papers_cosine_annealing():
+    model = nn.Linear(1, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=500)
+    for epoch in range(500):
+        assert lr_factor(epoch, 500) * 1e-3 == pytest.approx(opt.param_groups[0]['lr'], rel=1e-9, abs=1e-15)
+        opt.step(); sched.step()
+
+
+def test_bad_choices_name_what_is_allowed():
+    with pytest.raises(ValueError, match="optimizer='lion' is not one of 'adam', 'adamw'"):
+        TrainConfig(optimizer='lion')
+    with pytest.raises(ValueError, match="schedule='linear' is not one of 'cosine', 'constant'"):
+        TrainConfig(schedule='linear')
