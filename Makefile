@@ -7,6 +7,9 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 EXTRAS  ?= dev,oracles
 OUT     ?= runs/main
+SHELL   := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+QUIET   := 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
@@ -16,9 +19,9 @@ setup: $(VENV)/.physnb-installed
 # torch goes in first and on its own: an unpinned torch would pull GBs of CUDA wheels
 $(VENV)/.physnb-installed: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -q --upgrade pip $(QUIET)
+	$(BIN)/python -m pip install -q "$(TORCH)" $(QUIET)
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]" $(QUIET)
 	touch $@
 
 main: setup
