@@ -13,16 +13,18 @@ QUIET   := 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' |
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: setup main test test-notebooks test-pytest bench clean-check
-setup: $(VENV)/.physnb-installed
+.PHONY: setup install main test test-notebooks test-pytest bench
+# (re)install only when pyproject.toml's content changed: nbdev-export rewrites it and bumps its mtime
+setup:
+	@cmp -s pyproject.toml $(VENV)/.physnb-installed 2>/dev/null || $(MAKE) --no-print-directory install
 
 # torch goes in first and on its own: an unpinned torch would pull GBs of CUDA wheels
-$(VENV)/.physnb-installed: pyproject.toml
+install:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip $(QUIET)
 	$(BIN)/python -m pip install -q "$(TORCH)" $(QUIET)
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]" $(QUIET)
-	touch $@
+	cp pyproject.toml $(VENV)/.physnb-installed
 
 main: setup
 	$(BIN)/physnb main --out $(OUT)
