@@ -1,11 +1,14 @@
 """Physics tests for physnb.pdes that the notebook does not run: an independent-solver cross-check (py-pde),
 CUDA agreement, the System API contract for every registered system, and slow data-quality checks."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from physnb.core import Trajectories
+from physnb.core import Trajectories, load_checkpoint
 from physnb.pdes import (ETDRK4, GRAY_SCOTT_REGIMES, SYSTEMS, GrayScott, NavierStokes2D, Param, SpectralGrid2D, System,
                          etdrk4_coefficients, random_vorticity)
 
@@ -91,6 +94,48 @@ def test_simulate_is_reproducible_from_the_seed(name):
     assert any(not torch.equal(a.fields[k], c.fields[k]) for k in a.fields)
 
 
+_SIMULATE_AND_SAVE = """
+import sys, torch
+from physnb.core import save_checkpoint
+from physnb.pdes import SYSTEMS
+torch.set_num_threads(1)
+gs = SYSTEMS['gray_scott'].simulate(2, res=16, steps=1, seed=0, progress=False)     # ic=None: both IC families
+ns = SYSTEMS['ns2d'].simulate(2, res=16, steps=1, seed=0, ic='decaying', progress=False)
+save_checkpoint(sys.argv[1], gray_scott=gs.fields, gray_scott_scalars=gs.scalars, ns2d=ns.fields, ns2d_scalars=ns.scalars)
+"""
+
+
+def test_same_seed_same_data_across_processes(tmp_path):
+    "Python's string hashing differs between processes (PYTHONHASHSEED); the data of a seed must not."
+    paths = []
+    for hash_seed in ('0', '3'):                     # these two once gave different Gray–Scott ICs (set iteration order)
+        path = tmp_path / f'hash{hash_seed}.safetensors'
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed, OMP_NUM_THREADS='1', PHYSNB_PROGRESS='0')
+        subprocess.run([sys.executable, '-c', _SIMULATE_AND_SAVE, str(path)], env=env, check=True, timeout=300)
+        paths.append(path)
+    a, b = (load_checkpoint(p) for p in paths)
+    assert set(a) == set(b) == {'gray_scott', 'gray_scott_scalars', 'ns2d', 'ns2d_scalars'}
+    for part in a:
+        assert set(a[part]) == set(b[part]) and a[part]
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
+def _tensors(traj):
+    "Every tensor a Trajectories carries, as (where, tensor)."
+    yield 'time', traj.time
+    for group in ('fields', 'coords', 'scalars', 'constant_fields'):
+        for k, v in getattr(traj, group).items(): yield f'{group}[{k!r}]', v
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, F64])
+@pytest.mark.parametrize('name', list(SYSTEMS))
+def test_every_returned_tensor_has_the_requested_dtype(name, dtype):
+    traj = SYSTEMS[name].simulate(2, res=16, steps=1, dtype=dtype, progress=False)
+    for where, t in _tensors(traj):
+        assert t.dtype == dtype and t.device.type == 'cpu', (where, t.dtype, t.device)
+
+
 def test_id_and_ood_splits_do_not_overlap():
     gs, ns = GrayScott(), NavierStokes2D()
     assert not set(gs.splits['id']['regime']) & set(gs.splits['ood']['regime'])
@@ -146,9 +191,20 @@ def test_cuda_matches_cpu(name):
     "Same seed, float64: the GPU run reproduces the CPU run (ICs are drawn on the CPU)."
     cpu = SYSTEMS[name].simulate(2, res=32, steps=3, dtype=F64, progress=False)
     gpu = SYSTEMS[name].simulate(2, res=32, steps=3, dtype=F64, device='cuda', progress=False)
+    for where, t in _tensors(gpu):
+        assert t.device.type == 'cuda' and t.dtype == F64, (where, t.device, t.dtype)
     for k in cpu.fields:
-        assert gpu.fields[k].device.type == 'cuda'
         torch.testing.assert_close(gpu.fields[k].cpu(), cpu.fields[k], rtol=1e-9, atol=1e-9)
+    for k in cpu.scalars:
+        assert torch.equal(gpu.scalars[k].cpu(), cpu.scalars[k])
+
+
+@cuda
+@pytest.mark.parametrize('name', list(SYSTEMS))
+def test_cuda_float32_run_lives_on_the_device(name):
+    traj = SYSTEMS[name].simulate(2, res=16, steps=1, device='cuda', progress=False)
+    for where, t in _tensors(traj):
+        assert t.device.type == 'cuda' and t.dtype == torch.float32, (where, t.device, t.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
