@@ -1,4 +1,4 @@
-"""Facts about physnb.fno that a notebook cannot hold: multi-process DDP, checkpoint files, gradients of the fast path."""
+"""Facts about physnb.fno that a notebook cannot hold: multi-process DDP, checkpoint files, gradients of the fast path, error messages."""
 import os
 from dataclasses import asdict
 
@@ -94,3 +94,66 @@ def test_mode_convention_matches_neuraloperator():
         ours.bias.copy_(theirs.bias.detach().flatten())
     x = torch.randn(2, c, 16, 16)
     torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('fields, message', [
+    (dict(lifting_ratio=-1), 'lifting_ratio=-1 is not allowed: use a finite number >= 0 (0 = one linear map)'),
+    (dict(projection_ratio=-0.5), 'projection_ratio=-0.5 is not allowed: use a finite number >= 0'),
+    (dict(channel_mlp_expansion=-2.0), 'channel_mlp_expansion=-2.0 is not allowed: use a finite number >= 0'),
+    (dict(lifting_ratio=float('nan')), 'lifting_ratio=nan is not allowed'),
+    (dict(projection_ratio=float('inf')), 'projection_ratio=inf is not allowed'),
+    (dict(lifting_ratio='2'), "lifting_ratio='2' is not allowed"),
+    (dict(width=8, lifting_ratio=0.01), 'gives round(0.01*width) = 0 hidden channels at width=8: use 0 for one linear map'),
+    (dict(width=1, channel_mlp=True), 'channel_mlp_expansion=0.5 gives round(0.5*width) = 0 hidden channels at width=1'),
+    (dict(modes=2.5), 'modes=2.5 is not allowed: use an int m >= 1 or a pair of ints (mx, my), each >= 1'),
+    (dict(modes=(4, 2.5)), 'modes=(4, 2.5) is not allowed'),
+    (dict(modes=(4, 4, 4)), 'modes=(4, 4, 4) is not allowed'),
+    (dict(modes=0), 'modes=0 is not allowed'),
+    (dict(modes='12'), "modes='12' is not allowed"),
+    (dict(width=0), 'width=0 is not allowed: use an int >= 1'),
+    (dict(width=32.0), 'width=32.0 is not allowed: use an int >= 1'),
+    (dict(n_layers=0), 'n_layers=0 is not allowed: use an int >= 1'),
+    (dict(in_channels=0), 'in_channels=0 is not allowed: use an int >= 1'),
+    (dict(out_channels=-1), 'out_channels=-1 is not allowed: use an int >= 1'),
+    (dict(activation='swish'), "activation='swish' is not one of 'gelu', 'relu', 'silu', 'tanh'"),
+    (dict(activation=None), "activation=None is not one of 'gelu'"),
+    (dict(channel_mlp='yes'), "channel_mlp='yes' must be True or False"),
+])
+def test_config_errors_say_what_is_allowed(fields, message):
+    with pytest.raises(ValueError) as err:
+        FNOConfig(**fields)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize('x, error, message', [
+    (torch.randn(2, 5, 16, 16), ValueError, 'x has shape (2, 5, 16, 16); the model takes (B, in_channels=3, H, W)'),
+    (torch.randn(3, 16, 16), ValueError, 'x has shape (3, 16, 16); the model takes (B, in_channels=3, H, W)'),
+    (torch.randn(1, 2, 3, 16, 16), ValueError, 'the model takes (B, in_channels=3, H, W)'),
+    (torch.randn(2, 3, 16, 16, dtype=torch.float64), TypeError,
+     'x is torch.float64 but the model\'s parameters are torch.float32: convert the input with x.to(torch.float32) '
+     'or the model with model.to(torch.float64)'),
+    (torch.ones(2, 3, 16, 16, dtype=torch.int64), TypeError, 'x is torch.int64'),
+    (torch.randn(2, 3, 6, 16), ValueError, 'modes=(4, 3) do not fit a 6x16 grid: need 2*mx <= 6 and my <= 9, i.e. a grid of at least 8x4'),
+    (torch.randn(2, 3, 16, 3), ValueError, 'modes=(4, 3) do not fit a 16x3 grid'),
+])
+def test_forward_errors_say_what_is_allowed(x, error, message):
+    model = FNO(FNOConfig(**CONFIG))
+    with pytest.raises(error) as err:
+        model(x)
+    assert message in str(err.value)
+
+
+def test_valid_inputs_still_pass():
+    "The checks accept what the model handles: float64 models, bf16 inputs under autocast, list modes (JSON), numpy ints."
+    np = pytest.importorskip('numpy')
+    model = FNO(FNOConfig(**CONFIG)).double()
+    assert model(torch.randn(2, 3, 16, 16, dtype=torch.float64)).dtype == torch.float64
+    model.float()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert model(torch.randn(2, 3, 16, 16, dtype=torch.bfloat16)).shape == (2, 1, 16, 16)
+    assert FNOConfig(modes=[4, 3]).modes == (4, 3)
+    assert FNOConfig(width=1).width == 1                               # unused channel_mlp_expansion is not checked
+    assert FNOConfig(width=np.int64(8), modes=np.int64(4)).modes == (4, 4)
+    assert model(torch.randn(1, 3, 8, 4)).shape == (1, 1, 8, 4)      # the smallest grid modes=(4, 3) fit
+    with pytest.raises(TypeError, match='must be an FNOConfig'):
+        FNO(dict(CONFIG))
