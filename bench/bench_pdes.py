@@ -35,6 +35,7 @@ os.environ.setdefault('PHYSNB_PROGRESS', '0')
 import numpy as np
 import torch
 
+from physnb.core import atomic_write
 from physnb.pdes import SYSTEMS, ETDRK4, SpectralGrid2D
 
 torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
@@ -193,8 +194,7 @@ def main():
     eq = equal_error([3e-3, 1e-3, 4e-4], a.repeats)
     out = dict(date=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), host=platform.node(),
                torch=torch.__version__, threads=torch.get_num_threads(), throughput=rows, equal_error=eq)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUT.with_suffix('.tmp'); tmp.write_text(json.dumps(out, indent=1)); tmp.replace(OUT)
+    with atomic_write(OUT) as f: json.dump(out, f, indent=1)   # temp file beside OUT, fsynced, renamed
 
     print('\n| system | device | grid | B | frames | traj/s | traj·frames/s |\n|---|---|---|---|---|---|---|')
     for r in rows:

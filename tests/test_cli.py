@@ -15,31 +15,52 @@ def physnb(*args, check=True):
 def files(root):
     return sorted(Path(root).rglob('*.hdf5'))
 
+def _fields(p):
+    "Every dataset of a Well file (fields, scalars, dimensions), as numpy arrays by name."
+    out = {}
+    with h5py.File(p) as f: f.visititems(lambda k, d: out.__setitem__(k, d[...]) if isinstance(d, h5py.Dataset) else None)
+    return out
+
 def test_generate_writes_a_well_dataset_and_resumes_by_split(tmp_path):
     args = ('generate', 'gray_scott', '--out', tmp_path, '--n-traj', 10, '--res', 16, '--steps', 3, '--seed', 5, '--device', 'cpu')
     physnb(*args)
     root = tmp_path / 'gray_scott'
     written = files(root)
     assert {p.parent.name for p in written} == {'train', 'valid', 'test'} and (root / 'stats.yaml').exists()
-    with h5py.File(written[0]) as f: first = f['t0_fields/A'][...]
+    before = {p: _fields(p) for p in written}
     mtimes = {p: p.stat().st_mtime_ns for p in written}
     # a second run finds every split complete and rewrites nothing
     physnb(*args)
     assert {p: p.stat().st_mtime_ns for p in files(root)} == mtimes
-    # a lost split (say, a run killed while writing it) is regenerated, identically
-    lost = next(p for p in written if p.parent.name == 'valid')
-    with h5py.File(lost) as f: before = f['t0_fields/B'][...]
-    lost.unlink()
+    # lost files (say, a run killed while writing them) are regenerated bit-identically, in a fresh process:
+    # the 1-trajectory valid file and the 8-trajectory train file, which holds both Gray-Scott IC families
+    train = next(p for p in written if p.parent.name == 'train')
+    valid = next(p for p in written if p.parent.name == 'valid')
+    with h5py.File(train) as f:
+        assert f.attrs['n_trajectories'] == 8 and set(json.loads(f.attrs['physnb_attrs'])['ic']) == {'gaussians', 'fourier'}
+    train.unlink(); valid.unlink()
     physnb(*args)
-    with h5py.File(lost) as f: np.testing.assert_array_equal(f['t0_fields/B'][...], before)
-    with h5py.File(written[0]) as f: np.testing.assert_array_equal(f['t0_fields/A'][...], first)
+    assert files(root) == written
+    for p in written:
+        again = _fields(p)
+        assert again.keys() == before[p].keys(), p
+        for k, v in before[p].items(): np.testing.assert_array_equal(again[k], v, err_msg=f'{p.name}: {k}')
+    # the files that were whole were left alone
+    assert {p: p.stat().st_mtime_ns for p in written if p not in (train, valid)} == {p: t for p, t in mtimes.items() if p not in (train, valid)}
 
 def test_info_summarises_files_and_directories(tmp_path):
     physnb('generate', 'acoustics', '--out', tmp_path, '--n-traj', 3, '--res', 16, '--steps', 2, '--device', 'cpu')
     text = physnb('info', tmp_path / 'acoustics').stdout
     assert 'pressure' in text and 'train' in text
-    summary = json.loads(physnb('info', files(tmp_path)[0], '--json').stdout)
-    assert summary['kind'] == 'file'
+    train = next(p for p in files(tmp_path) if p.parent.name == 'train')
+    summary = json.loads(physnb('info', train, '--json').stdout)
+    assert summary['kind'] == 'file' and summary['dataset_name'] == 'acoustics'
+    with h5py.File(train) as f: n, shape = f.attrs['n_trajectories'], f['t0_fields/pressure'].shape
+    assert summary['n_trajectories'] == n == 1 and summary['n_steps'] == shape[1] == 3       # t = 0 and 2 saved steps
+    assert summary['spatial_resolution'] == [16, 16] == list(shape[2:]) and summary['spatial_dims'] == ['x', 'y']
+    assert 'pressure' in summary['channels']
+    dataset = json.loads(physnb('info', tmp_path / 'acoustics', '--json').stdout)
+    assert dataset['kind'] == 'dataset' and {s: v['n_trajectories'] for s, v in dataset['splits'].items()} == {'train': 1, 'valid': 1, 'test': 1}
 
 def test_params_are_fixed_and_checked(tmp_path):
     physnb('generate', 'gray_scott', '--out', tmp_path, '--n-traj', 2, '--res', 16, '--steps', 2, '--params', 'F=0.03', 'k=0.062', '--device', 'cpu')

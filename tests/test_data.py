@@ -10,7 +10,7 @@ import yaml
 import physnb.data as data
 from physnb.core import Trajectories
 from physnb.data import (BC_CODES, Normalizer, WellDataset, WellFormatError, WellMixture, check_well_file,
-                         compute_stats, derive_seed, generate_dataset, info, info_text, load_stats, read_well,
+                         compute_stats, derive_seed, generate_dataset, system_settings, info, info_text, load_stats, read_well,
                          split_counts, write_dataset, write_stats, write_well)
 
 torch.set_num_threads(1)
@@ -308,9 +308,21 @@ def test_path_resolution_errors(tmp_path):
     write_well(wave(), tmp_path / 'ds' / 'data' / 'train' / 'a.hdf5')
     with pytest.raises(ValueError, match=r"is a dataset root; pass split= one of \['train'\]"): WellDataset(tmp_path / 'ds')
     with pytest.raises(FileNotFoundError, match=r"split 'test' not found; available: \['train'\]"): WellDataset(tmp_path / 'ds', split='test')
-    with pytest.raises(FileNotFoundError, match='no .hdf5/.h5 files'): WellDataset(tmp_path / 'ds' / 'data')
-    with pytest.raises(ValueError, match="split='valid' given, but .* is not a dataset root"): WellDataset(tmp_path / 'ds' / 'data' / 'train', split='valid')
+    with pytest.raises(ValueError, match=r"is a data folder; pass split= one of \['train'\]"): WellDataset(tmp_path / 'ds' / 'data')
+    assert WellDataset(tmp_path / 'ds' / 'data', split='train').files == [tmp_path / 'ds' / 'data' / 'train' / 'a.hdf5']
+    with pytest.raises(ValueError, match="split='valid' given, but .* is neither a dataset root"): WellDataset(tmp_path / 'ds' / 'data' / 'train', split='valid')
     assert len(WellDataset([tmp_path / 'ds' / 'data' / 'train', tmp_path / 'ds' / 'data' / 'train' / 'a.hdf5'])) == 2 * 2 * 4
+
+
+def test_split_on_a_file_must_match_its_folder(tmp_path):
+    "split= is never silently ignored: on a file (or a list of files) it must name the file's folder."
+    loose = write_well(wave(), tmp_path / 'loose' / 'a.hdf5')
+    with pytest.raises(ValueError, match=r"split='valid' given, but .*a.hdf5 is a file in folder 'loose'"): WellDataset(loose, split='valid')
+    with pytest.raises(ValueError, match=r"split='test' given, but .*a.hdf5 is a file in folder 'loose'"): WellDataset([loose], split='test')
+    valid = write_well(wave(), tmp_path / 'ds' / 'data' / 'valid' / 'v.hdf5')
+    assert len(WellDataset(valid, split='valid')) == len(WellDataset([valid], split='valid')) == len(WellDataset(loose))
+    with pytest.raises(ValueError, match="split='train' given, but .*v.hdf5 is a file in folder 'valid'"): WellDataset(valid, split='train')
+    with pytest.raises(ValueError, match="split='valid' given, but .*a.hdf5 is a file in folder 'loose'"): WellDataset([valid, loose], split='valid')
 
 
 def test_dataloader_workers_get_their_own_handles(tmp_path):
@@ -369,9 +381,9 @@ def test_mixture_denormalize_uses_each_datasets_stats(tmp_path):
 class WaveSystem:
     "Stand-in System: random-speed travelling waves, deterministic in `seed`."
     name = 'wave'
-    def __init__(self): self.calls = []
+    def __init__(self): self._calls = []   # run-time state is private: public attributes are settings
     def simulate(self, n_traj, res=16, steps=5, seed=0, device='cpu', dtype=torch.float32, split='id', params=None, progress=True, ic=None):
-        self.calls.append(dict(n_traj=n_traj, seed=seed, split=split, params=params))
+        self._calls.append(dict(n_traj=n_traj, seed=seed, split=split, params=params))
         g = torch.Generator().manual_seed(seed)
         speeds = (params or {}).get('speed') or (0.5 + torch.rand(n_traj, generator=g) * (2 if split == 'ood' else 1))
         return wave(speeds=tuple(torch.as_tensor(speeds).expand(n_traj).tolist()), nx=res, ny=res, steps=steps)
@@ -391,19 +403,19 @@ def test_generate_dataset_layout_stats_and_resume(tmp_path):
     root = tmp_path / 'wave'
     assert out['root'] == root and (root / 'stats.yaml').exists()
     assert {s: len(v) for s, v in out['files'].items()} == {'train': 2, 'valid': 1, 'test': 1}
-    assert sum(c['n_traj'] for c in sysm.calls) == 10 and len({c['seed'] for c in sysm.calls}) == 4
+    assert sum(c['n_traj'] for c in sysm._calls) == 10 and len({c['seed'] for c in sysm._calls}) == 4
     for f in (p for v in out['files'].values() for p in v): check_well_file(f)
     st = load_stats(root / 'stats.yaml', 'zscore')
     assert st == compute_stats(out['files']['train'])
     # resume: everything whole -> nothing simulated
-    n = len(sysm.calls); again = generate_dataset(sysm, tmp_path, n_traj=10, res=8, steps=4, seed=7, chunk=4, show_progress=False)
-    assert len(sysm.calls) == n and len(again['skipped']) == 4
+    n = len(sysm._calls); again = generate_dataset(sysm, tmp_path, n_traj=10, res=8, steps=4, seed=7, chunk=4, show_progress=False)
+    assert len(sysm._calls) == n and len(again['skipped']) == 4
     # a killed run leaves a missing file, a damaged one a bad file: both are remade identically
     f0, f1 = out['files']['train']
     before = [read_well(f).fields['u'] for f in (f0, f1)]
     f0.unlink(); f1.write_bytes(f1.read_bytes()[:1000])
     generate_dataset(sysm, tmp_path, n_traj=10, res=8, steps=4, seed=7, chunk=4, show_progress=False)
-    assert len(sysm.calls) == n + 2
+    assert len(sysm._calls) == n + 2
     for f, b in zip((f0, f1), before): torch.testing.assert_close(read_well(f).fields['u'], b, rtol=0, atol=0)
     # other seed -> other data; the_well-style dataset root is readable by our reader
     ds = WellDataset(root, split='train', n_steps_input=2, n_steps_output=1, normalization='zscore')
@@ -413,7 +425,7 @@ def test_generate_dataset_layout_stats_and_resume(tmp_path):
 def test_generate_dataset_ood_goes_to_its_own_folder_and_params_pass_through(tmp_path):
     sysm = WaveSystem()
     out = generate_dataset(sysm, tmp_path, n_traj=3, res=8, steps=3, seed=1, split_name='ood', params={'speed': 1.25}, show_progress=False)
-    assert out['root'] == tmp_path / 'wave_ood' and {c['split'] for c in sysm.calls} == {'ood'}
+    assert out['root'] == tmp_path / 'wave_ood' and {c['split'] for c in sysm._calls} == {'ood'}
     assert read_well(out['files']['test'][0]).scalars['speed'].tolist() == [1.25]
     assert read_well(out['files']['test'][0]).attrs['request']['param_split'] == 'ood'
 
@@ -434,13 +446,53 @@ def test_info_summarises_files_folders_and_datasets(tmp_path):
 def test_generate_dataset_remakes_files_when_the_request_changes_and_refuses_stale_files(tmp_path):
     sysm = WaveSystem()
     generate_dataset(sysm, tmp_path, n_traj=3, res=8, steps=3, seed=0, show_progress=False)
-    n = len(sysm.calls)
+    n = len(sysm._calls)
     out = generate_dataset(sysm, tmp_path, n_traj=3, res=12, steps=3, seed=0, show_progress=False)  # new resolution
-    assert len(sysm.calls) == n + 3 and out['skipped'] == []
+    assert len(sysm._calls) == n + 3 and out['skipped'] == []
     assert read_well(out['files']['train'][0]).fields['u'].shape[-2:] == (12, 12)
     generate_dataset(sysm, tmp_path, n_traj=10, res=12, steps=3, seed=0, chunk=4, show_progress=False)   # more files
     with pytest.raises(ValueError, match='holds files this run would not write'):
         generate_dataset(sysm, tmp_path, n_traj=3, res=12, steps=3, seed=0, show_progress=False)
+
+
+class ScaledWave(WaveSystem):
+    "WaveSystem with a solver setting: fields times `amplitude`."
+    def __init__(self, amplitude=1.0, tag=('a', 1)):
+        super().__init__(); self.amplitude, self.tag = amplitude, tag
+        self.kernel = torch.ones(2); self.hook = lambda x: x      # a tensor counts (as a list); a function cannot
+    def simulate(self, *args, **kw):
+        traj = super().simulate(*args, **kw)
+        traj.fields = {k: v * self.amplitude for k, v in traj.fields.items()}
+        return traj
+
+
+def test_system_settings_are_the_public_json_able_attributes():
+    assert system_settings(ScaledWave(2.0)) == {'amplitude': 2.0, 'kernel': [1.0, 1.0], 'tag': ['a', 1]}
+    assert system_settings(WaveSystem()) == {} and system_settings(object()) == {}
+    nan = ScaledWave(float('nan')); assert 'amplitude' not in system_settings(nan)   # NaN != NaN: no exact JSON form
+
+
+def test_generate_dataset_remakes_files_when_the_system_or_its_settings_change(tmp_path):
+    "A changed setting or another class under the same name= remakes every file in place, like a changed seed; the same request skips all."
+    kw = dict(n_traj=10, res=8, steps=3, seed=0, chunk=4, name='wave', show_progress=False)
+    plain = generate_dataset(WaveSystem(), tmp_path, **kw)
+    u = {p: read_well(p).fields['u'] for v in plain['files'].values() for p in v}
+    rms_plain = load_stats(plain['stats'])['rms']['u']
+    loud = ScaledWave(2.0)
+    out = generate_dataset(loud, tmp_path, **kw)                       # another class, same folder name
+    assert out['skipped'] == [] and len(loud._calls) == 4
+    for p, v in u.items(): torch.testing.assert_close(read_well(p).fields['u'], 2 * v, rtol=0, atol=0)
+    assert read_well(p).attrs['request']['system'] == 'ScaledWave'
+    assert read_well(p).attrs['request']['settings']['amplitude'] == 2.0
+    mtimes = {p: p.stat().st_mtime_ns for p in u}
+    again = generate_dataset(loud, tmp_path, **kw)                     # identical rerun: nothing simulated or written
+    assert len(again['skipped']) == 4 and len(loud._calls) == 4
+    assert {p: p.stat().st_mtime_ns for p in u} == mtimes
+    assert len(generate_dataset(ScaledWave(2.0), tmp_path, **kw)['skipped']) == 4   # an equal instance is the same request
+    out = generate_dataset(ScaledWave(3.0), tmp_path, **kw)           # another setting: everything remade
+    assert out['skipped'] == []
+    for p, v in u.items(): torch.testing.assert_close(read_well(p).fields['u'], 3 * v, rtol=0, atol=0)
+    assert load_stats(out['stats'])['rms']['u'] == pytest.approx(3 * rms_plain, rel=1e-5)   # stats.yaml remade too
 
 
 def test_write_dataset_lays_out_ready_made_trajectories(tmp_path):
