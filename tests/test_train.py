@@ -2,6 +2,7 @@
 import json, os, shutil, subprocess, sys, textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -191,3 +192,89 @@ def test_bad_choices_name_what_is_allowed():
         TrainConfig(optimizer='lion')
     with pytest.raises(ValueError, match="schedule='linear' is not one of 'cosine', 'constant'"):
         TrainConfig(schedule='linear')
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('lr', -1, 'lr=-1 must be a finite number > 0'),
+    ('lr', 0.0, 'lr=0.0 must be a finite number > 0'),
+    ('lr', float('nan'), 'lr=nan must be a finite number > 0'),
+    ('weight_decay', -1, 'weight_decay=-1 must be a finite number >= 0'),
+    ('min_lr', 0.01, r'min_lr=0.01 must be in \[0, lr=0.001\]'),
+    ('min_lr', -1e-5, r'min_lr=-1e-05 must be in \[0, lr=0.001\]'),
+    ('grad_clip', 0, 'grad_clip=0 must be a finite number > 0, or None'),
+    ('grad_clip', -1.0, 'grad_clip=-1.0 must be a finite number > 0, or None'),
+    ('max_steps', 0, 'max_steps=0 must be >= 1, or None'),
+    ('num_workers', -1, 'num_workers=-1 must be >= 0'),
+    ('warmup', -1, 'warmup=-1 must be >= 0'),
+    ('save_every', -2, 'save_every=-2 must be >= 0'),
+    ('epochs', 0, 'epochs=0 must be >= 1'),
+    ('betas', (0.9,), r'betas=\(0.9,\) must be two numbers in \[0, 1\)'),
+    ('betas', (0.9, 1.0), r'betas=\(0.9, 1.0\) must be two numbers in \[0, 1\)'),
+    ('device', 'gpu', "device='gpu' is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'"),
+    ('device', 'cuda:x', "device='cuda:x' is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'"),
+])
+def test_bad_values_say_what_is_wrong_and_what_is_allowed(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_valid_edge_values_and_absent_hardware_are_accepted():
+    TrainConfig(min_lr=1e-3, grad_clip=0.5, max_steps=1, betas=[0.0, 0.5], weight_decay=0.0, num_workers=0)
+    for name in ('auto', 'cpu', 'cuda', 'cuda:1', 'mps'):      # names get_device knows; hardware is checked by the Trainer
+        TrainConfig(device=name)
+
+
+class _NaNAfter(nn.Module):
+    "A 1x1 convolution that outputs NaN once `poisoned` is set."
+    def __init__(self):
+        super().__init__(); self.conv, self.poisoned = nn.Conv1d(1, 1, 1), False
+    def forward(self, x): return self.conv(x) * (float('nan') if self.poisoned else 1.0)
+
+
+def test_non_finite_loss_raises_and_keeps_the_last_checkpoint(tmp_path):
+    "A NaN loss mid-run raises FloatingPointError naming epoch and step; last/best.safetensors stay finite and resumable."
+    torch.manual_seed(0)
+    model = _NaNAfter()
+    def poison(trainer, event):
+        if event == 'step' and trainer.step == 6: model.poisoned = True     # epoch 1 (4 steps per epoch), step 6
+    recipe = dict(epochs=3, batch_size=16, device='cpu', progress=False, out_dir=str(tmp_path))
+    trainer = Trainer(model, _pairs(), _pairs(32), TrainConfig(**recipe), callbacks=[poison])
+    with pytest.raises(FloatingPointError, match=r'training loss is nan at epoch 1, step 6 .*lower lr'):
+        trainer.fit()
+    assert trainer.history and all(np.isfinite(r['train_loss']) for r in trainer.history)
+    assert all(p.isfinite().all() for p in model.parameters())        # raised before the optimiser step
+    last = load_checkpoint(tmp_path / 'last.safetensors')
+    assert (last['trainer']['epoch'], last['trainer']['step']) == (1, 4)
+    assert all(v.isfinite().all() for v in last['model'].values())
+    assert all(v.isfinite().all() for v in load_checkpoint(tmp_path / 'best.safetensors')['model'].values())
+    trainer.load_best()                                                # the best of epoch 0, not the misleading "call fit()"
+    model.poisoned = False
+    result = Trainer(model, _pairs(), _pairs(32), TrainConfig(**recipe)).fit()
+    assert [r['epoch'] for r in result['history']] == [0, 1, 2] and result['best_epoch'] is not None
+
+
+def test_non_finite_validation_metric_raises_before_it_is_recorded():
+    nan_metric = lambda pred, target: torch.full((len(pred),), float('inf'))
+    trainer = Trainer(nn.Conv1d(1, 1, 1), _pairs(), _pairs(32), TrainConfig(epochs=2, batch_size=16, device='cpu', progress=False),
+                      metric=nan_metric)
+    with pytest.raises(FloatingPointError, match=r'validation metric is inf after epoch 0 .*4 optimiser steps'):
+        trainer.fit()
+    assert trainer.history == [] and trainer.best_epoch is None
+
+
+def test_a_frozen_model_evaluates_but_does_not_train():
+    model = nn.Conv1d(1, 1, 1, bias=False).requires_grad_(False)
+    trainer = Trainer(model, _pairs(), config=TrainConfig(batch_size=16, device='cpu', progress=False))
+    x, y = _pairs().tensors
+    expected = (torch.linalg.vector_norm((model(x) - y).flatten(1), dim=1) / torch.linalg.vector_norm(y.flatten(1), dim=1)).mean()
+    assert trainer.evaluate(_pairs()) == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(trainer.predict(x), model(x))
+    with pytest.raises(ValueError, match='nothing to train'):
+        trainer.fit()
+
+
+def test_resuming_at_max_steps_trains_no_further(tmp_path):
+    recipe = dict(epochs=2, batch_size=16, device='cpu', progress=False, out_dir=str(tmp_path), max_steps=3)
+    assert Trainer(nn.Conv1d(1, 1, 1), _pairs(), config=TrainConfig(**recipe)).fit()['steps'] == 3
+    again = Trainer(nn.Conv1d(1, 1, 1), _pairs(), config=TrainConfig(**recipe)).fit()
+    assert again['steps'] == 3 and again['stopped']
