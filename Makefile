@@ -39,6 +39,6 @@ test-notebooks:
 test-pytest:
 	PHYSNB_PROGRESS=0 PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -ra tests; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
+# every bench/bench_*.py; each prints ratios against its peer and writes bench/out/<name>.json
 bench: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/bench_pdes.py
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/bench_fno.py
+	@for b in bench/bench_*.py; do echo "== $$b"; PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python $$b || exit 1; done

@@ -8,6 +8,9 @@ NBS = Path(__file__).resolve().parents[1] / 'nbs'
 NOTEBOOKS = sorted(p for p in NBS.glob('*.ipynb') if not p.name.startswith('_'))
 # experiment notebooks define no module (no `#| default_exp`); each must keep its papermill `parameters` tag
 EXPERIMENTS = [p for p in NOTEBOOKS if not ''.join(json.loads(p.read_text())['cells'][0]['source']).startswith('#| default_exp')]
+# notebooks that define a module AND are run with papermill (the issue asks for their parameters)
+PAPERMILL_LIBRARY = ['03_tokeniser.ipynb', '09_lejepa.ipynb']
+PARAMETRISED = EXPERIMENTS + [NBS / n for n in PAPERMILL_LIBRARY if (NBS / n).exists()]
 
 def cells(p): return json.loads(p.read_text())['cells']
 
@@ -36,7 +39,7 @@ def test_nbdev_export_cell_is_skipped_by_papermill(nb):
         if c['cell_type'] == 'code' and 'nbdev_export(' in ''.join(c['source']):
             assert 'skip-execution' in c['metadata'].get('tags', []), f'{nb.name}: tag the nbdev_export() cell skip-execution'
 
-@pytest.mark.parametrize('nb', EXPERIMENTS or [None], ids=lambda p: getattr(p, 'name', 'none'))
+@pytest.mark.parametrize('nb', PARAMETRISED or [None], ids=lambda p: getattr(p, 'name', 'none'))
 def test_experiment_parameters_are_typed_and_commented(nb):
     if nb is None: pytest.skip('no experiment notebooks yet')
     ps = [c for c in cells(nb) if 'parameters' in c['metadata'].get('tags', [])]
@@ -44,3 +47,8 @@ def test_experiment_parameters_are_typed_and_commented(nb):
     for line in ''.join(ps[0]['source']).splitlines():
         if line.strip() and not line.lstrip().startswith('#'):
             assert re.match(r'^\w+\s*:\s*[\w\[\], |]+\s*=.+#\s*\S', line), f'{nb.name}: parameter line needs a type and a comment: {line!r}'
+
+@pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: p.name)
+def test_at_most_one_parameters_cell(nb):
+    ps = [c for c in cells(nb) if 'parameters' in c['metadata'].get('tags', [])]
+    assert len(ps) <= 1, f'{nb.name}: {len(ps)} cells tagged parameters; papermill injects after the first only'
