@@ -462,6 +462,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                  'physnb/tokpretrain.py'),
                                     'physnb.tokpretrain.StepLossLog.by_level': ( 'tokeniser_pretrain.html#steplosslog.by_level',
                                                                                  'physnb/tokpretrain.py'),
+                                    'physnb.tokpretrain._check_run_key': ( 'tokeniser_pretrain.html#_check_run_key',
+                                                                           'physnb/tokpretrain.py'),
                                     'physnb.tokpretrain._crop_origin': ('tokeniser_pretrain.html#_crop_origin', 'physnb/tokpretrain.py'),
                                     'physnb.tokpretrain._present': ('tokeniser_pretrain.html#_present', 'physnb/tokpretrain.py'),
                                     'physnb.tokpretrain._systems': ('tokeniser_pretrain.html#_systems', 'physnb/tokpretrain.py'),
