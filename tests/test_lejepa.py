@@ -1,5 +1,5 @@
 "physnb.lejepa: views are exact symmetries, loss errors and collapse, probe, Spearman vs scipy, DDP = one process, papermill."
-import json, math, os, shutil, subprocess, sys
+import json, math, os, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +11,7 @@ from physnb.lejepa import (GlobalBatchNorm, LeJEPA, LeJEPAConfig, EncoderConfig,
                            loss_error_correlation)
 from physnb.pdes import SYSTEMS
 from physnb.sigreg import SIGReg
+from _launch import torchrun
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,12 +193,6 @@ ARGS = ['--epochs', '2', '--batch-size', '8', '--lr', '2e-3', '--width', '4', '-
         '--num-slices', '32', '--window', '3', '--n-local', '2', '--local-size', '8', '--device', 'cpu']
 
 
-def _torchrun():
-    exe = shutil.which('torchrun') or str(Path(sys.executable).with_name('torchrun'))
-    if not Path(exe).exists(): pytest.skip('torchrun is not installed')
-    return [exe, '--standalone', '--nproc_per_node', '2']
-
-
 @pytest.mark.slow
 def test_ddp_under_torchrun_matches_one_process(tmp_path):
     "2 gloo ranks (4 samples each) reach the same weights as one process on the same global batches of 8."
@@ -205,7 +200,7 @@ def test_ddp_under_torchrun_matches_one_process(tmp_path):
     one = subprocess.run([sys.executable, '-m', 'physnb.lejepa', '--data', str(data), '--out-dir', str(tmp_path / 'one'), *ARGS],
                          env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(_torchrun() + ['-m', 'physnb.lejepa', '--data', str(data), '--out-dir', str(tmp_path / 'two'), *ARGS],
+    two = subprocess.run(torchrun() + ['-m', 'physnb.lejepa', '--data', str(data), '--out-dir', str(tmp_path / 'two'), *ARGS],
                          env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     if two.returncode != 0 and 'physnb' not in two.stderr: pytest.skip(f'torchrun could not start: {two.stderr[-500:]}')
     assert two.returncode == 0, two.stderr[-3000:]

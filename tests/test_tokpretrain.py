@@ -1,5 +1,5 @@
 "physnb.tokpretrain: resume after SIGKILL, DDP equals one process, one level per step on every rank, masked channels, errors, report numbers."
-import json, os, shutil, subprocess, sys, textwrap
+import json, os, subprocess, sys, textwrap
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,7 @@ from physnb.pdes import SYSTEMS
 from physnb.tokeniser import Compression, Tokeniser, TokeniserConfig
 from physnb.tokpretrain import (AutoencodingTask, FieldWindows, as_levels, autoencoding_batch, compare_adjustable,
                                 masked_mse, masked_vrmse, pretrain_tokeniser, reconstruction_report, steps_config)
+from _launch import torchrun
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,12 +109,6 @@ def test_levels_are_a_pure_function_of_seed_and_step():
     assert set(seq) == set(as_levels(LEVELS))
 
 
-def _torchrun():
-    exe = shutil.which('torchrun') or str(Path(sys.executable).with_name('torchrun'))
-    if not Path(exe).exists(): pytest.skip('torchrun is not installed')
-    return [exe, '--standalone', '--nproc_per_node', '2']
-
-
 def _close_weights(one: dict, two: dict):
     """Same weights up to summation order: the gradient all-reduce adds in another order, and Adam magnifies the
     rounding in entries with tiny gradients; a different batch or level would move weights by ~lr = 3e-3 per step."""
@@ -127,7 +122,7 @@ def _close_weights(one: dict, two: dict):
 @pytest.mark.slow
 def test_ddp_matches_one_process_and_ranks_share_levels(tmp_path, roots, uninterrupted):
     "Two gloo ranks (4 windows each) follow the single process on the same global batch of 8, level for level."
-    r = _run(tmp_path, tmp_path / 'two', -1, 0, [roots['gray_scott']], launcher=_torchrun())
+    r = _run(tmp_path, tmp_path / 'two', -1, 0, [roots['gray_scott']], launcher=torchrun())
     if r.returncode != 0 and 'TRAINING_DONE' not in r.stdout and 'physnb' not in r.stderr:
         pytest.skip(f'torchrun could not start: {r.stderr[-500:]}')
     assert r.returncode == 0 and r.stdout.count('TRAINING_DONE') == 2, r.stderr[-4000:]
@@ -141,7 +136,7 @@ def test_ddp_on_a_mixture_matches_one_process(tmp_path, roots):
     sources = [roots['gray_scott'], roots['ns2d']]
     one = _run(tmp_path, tmp_path / 'one', -1, 0, sources)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _run(tmp_path, tmp_path / 'two', -1, 0, sources, launcher=_torchrun())
+    two = _run(tmp_path, tmp_path / 'two', -1, 0, sources, launcher=torchrun())
     assert two.returncode == 0, two.stderr[-4000:]
     _close_weights(load_checkpoint(tmp_path / 'one' / 'final.safetensors')['model'], load_checkpoint(tmp_path / 'two' / 'final.safetensors')['model'])
 

@@ -1,5 +1,5 @@
 "physnb.train: bit-identical resume after a real SIGKILL, DDP under torchrun equals one process, freezing, config checks."
-import json, os, shutil, subprocess, sys, textwrap
+import json, os, subprocess, sys, textwrap
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +9,7 @@ from torch import nn
 
 from physnb.core import load_checkpoint
 from physnb.train import TrainConfig, Trainer, lr_factor
+from _launch import torchrun
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,12 +90,6 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, uninterrupted, kill_eve
     assert json.loads((tmp_path / 'b' / 'history.json').read_text())[-1]['step'] == 32
 
 
-def _torchrun():
-    exe = shutil.which('torchrun') or str(Path(sys.executable).with_name('torchrun'))
-    if not Path(exe).exists(): pytest.skip('torchrun is not installed')
-    return [exe, '--standalone', '--nproc_per_node', '2']
-
-
 def _torchrun_or_skip(result):
     "Skip (not fail) when torchrun could not even start its process group on this machine."
     out = result.stdout + result.stderr
@@ -107,7 +102,7 @@ def _torchrun_or_skip(result):
 def ddp_run(tmp_path_factory):
     "One uninterrupted 2-rank gloo run (global batch 32, 16 per rank), shared by the DDP tests."
     tmp = tmp_path_factory.mktemp('ddp')
-    result = _torchrun_or_skip(_run(tmp, tmp / 'two', 'never', -1, 0, 0.1, launcher=_torchrun()))
+    result = _torchrun_or_skip(_run(tmp, tmp / 'two', 'never', -1, 0, 0.1, launcher=torchrun()))
     assert result.returncode == 0, result.stderr[-4000:]
     return tmp, result
 
@@ -121,7 +116,7 @@ def test_ddp_under_torchrun_matches_one_process(tmp_path, ddp_run):
         ['best.safetensors', 'final.safetensors', 'history.json', 'last.safetensors']   # ... rank 0 wrote
     # dropout masks differ per rank (rank r is seeded seed + r), so the comparison runs with dropout off
     plain_one = _run(tmp_path, tmp_path / 'one0', 'never', -1, 0, 0.0)
-    plain_two = _torchrun_or_skip(_run(tmp_path, tmp_path / 'two0', 'never', -1, 0, 0.0, launcher=_torchrun()))
+    plain_two = _torchrun_or_skip(_run(tmp_path, tmp_path / 'two0', 'never', -1, 0, 0.0, launcher=torchrun()))
     assert plain_one.returncode == 0 and plain_two.returncode == 0, plain_two.stderr[-3000:]
     one, two = _final(tmp_path / 'one0'), _final(tmp_path / 'two0')
     for name, tensor in one['model'].items():
@@ -137,10 +132,10 @@ def test_ddp_under_torchrun_matches_one_process(tmp_path, ddp_run):
 def test_ddp_resume_after_sigkill_is_bit_identical(tmp_path, ddp_run):
     "Both ranks SIGKILL themselves at step 13 (checkpoint at step 10); torchrun relaunched resumes bit-identically."
     tmp, _ = ddp_run
-    killed = _torchrun_or_skip(_run(tmp_path, tmp_path / 'b', 'step', 13, 0, 0.1, launcher=_torchrun()))
+    killed = _torchrun_or_skip(_run(tmp_path, tmp_path / 'b', 'step', 13, 0, 0.1, launcher=torchrun()))
     assert killed.returncode != 0 and 'TRAINING_DONE' not in killed.stdout
     assert load_checkpoint(tmp_path / 'b' / 'last.safetensors')['trainer']['step'] == 10
-    resumed = _run(tmp_path, tmp_path / 'b', 'never', -1, 123, 0.1, launcher=_torchrun())
+    resumed = _run(tmp_path, tmp_path / 'b', 'never', -1, 123, 0.1, launcher=torchrun())
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     wa, wb = _final(tmp / 'two'), _final(tmp_path / 'b')
     for name, tensor in wa['model'].items():
