@@ -19,7 +19,8 @@ import neuralop
 from neuralop.models import FNO as NeuralopFNO
 
 from physnb.core import atomic_write
-from physnb.fno import FNO, FNOConfig, InstanceScaler, SpectralConv2d, count_parameters, neuralop_n_modes
+from physnb.models.fno import (FNO, FNOConfig, InstanceScaler, SpectralConv2d, count_parameters,
+                               neuralop_n_modes)
 
 OUT = Path(__file__).resolve().parent / 'out' / 'fno.json'
 

@@ -1,8 +1,8 @@
-"""Benchmark physnb.pdes: trajectories per second per system at 64², and the speed ratio against py-pde at equal error.
+"""Benchmark physnb.sim.pdes: trajectories per second per system at 64², and the speed ratio against py-pde at equal error.
 
 Run: `OMP_NUM_THREADS=1 python bench/bench_pdes.py [--quick]`. Writes bench/out/pdes.json and prints two tables.
 
-1. Throughput. Every registered system (physnb.pdes.SYSTEMS, plus physnb.waves.SYSTEMS when importable) simulates
+1. Throughput. Every time-dependent system of the registry (physnb.sim.systems) simulates
    `--batch` trajectories of `--frames` saved frames at res=64 in float32 with its default settings (ns2d: the
    default 'shear' family, 64×128 like The Well). We report trajectories/s and trajectory-frames/s (after one
    small warm-up run) on the CPU with 1 thread, and on CUDA when a GPU is present.
@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from physnb.core import atomic_write
-from physnb.pdes import SYSTEMS, ETDRK4, SpectralGrid2D
+from physnb.sim.systems import SYSTEMS, TIME_DEPENDENT
+from physnb.sim.pdes import ETDRK4, SpectralGrid2D
 
 torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
 OUT = Path(__file__).resolve().parent / 'out' / 'pdes.json'
@@ -44,13 +45,8 @@ D, T, LENGTH = 0.1, 1.0, 2 * math.pi
 
 
 def all_systems() -> dict:
-    systems = dict(SYSTEMS)
-    try:
-        from physnb.waves import SYSTEMS as WAVES
-        systems.update(WAVES)
-    except ImportError as e:
-        print(f'(physnb.waves not importable: {e})')
-    return systems
+    "The time-dependent systems of the registry (the steady families have no time steps to time)."
+    return {name: SYSTEMS[name] for name in TIME_DEPENDENT}
 
 
 def timed(fn, repeats: int = 3) -> tuple[float, object]:

@@ -1,4 +1,4 @@
-"""SIGReg forward+backward: physnb.sigreg vs jepa-science 0.1.0 `sigreg_loss` (the peer), measured in the same run.
+"""SIGReg forward+backward: physnb.models.sigreg vs jepa-science 0.1.0 `sigreg_loss` (the peer), measured in the same run.
 
 Time: the same embeddings z (N, D=128) and the same 1024 directions (step 0 = Generator().manual_seed(0)) go through
 both; one call = draw directions, project, statistic, backward to z. The two are interleaved (ABAB...) so load on the
@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from physnb.core import atomic_write          # noqa: E402
-from physnb.sigreg import sigreg, epps_pulley, unit_directions   # noqa: E402
+from physnb.models.sigreg import sigreg, epps_pulley, unit_directions   # noqa: E402
 
 D, M = 128, 1024
 

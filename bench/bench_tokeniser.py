@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from physnb.core import atomic_write, get_device
-from physnb.tokeniser import (Compression, FrameNorm, SPATIAL_STAGE_STRIDES, TEMPORAL_STAGE_STRIDES, Tokeniser,
-                              TokeniserConfig, crop_stage, overlaps)
+from physnb.models.tokeniser import (Compression, FrameNorm, SPATIAL_STAGE_STRIDES, TEMPORAL_STAGE_STRIDES,
+                                     Tokeniser, TokeniserConfig, crop_stage, overlaps)
 
 OUT = Path(__file__).resolve().parent / 'out' / 'tokeniser.json'
 

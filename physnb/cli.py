@@ -10,22 +10,13 @@ from pathlib import Path
 import torch
 
 from .core import atomic_write, get_device, set_threads, progress
-from . import pdes, waves, steady, data
+from .sim.systems import SYSTEMS, get_system
+from .data.well import check_well_file, read_well
+from .data.info import info, info_text
+from .data.generate import generate_dataset
 
 # %% auto #0
-__all__ = ['MAIN_SYSTEMS', 'all_systems', 'get_system', 'parse_params', 'make_parser', 'cmd_generate', 'cmd_systems', 'main',
-           'preview_figure', 'run_main']
-
-# %% ../nbs/10_cli.ipynb #0a8f606e
-def all_systems() -> dict:
-    "Every registered system, by name: time-dependent (`pdes`, `waves`) and steady (`steady`)."
-    return {**pdes.SYSTEMS, **waves.SYSTEMS, **steady.SYSTEMS}
-
-def get_system(name: str):
-    "Look up a system by name, with an error that lists the allowed names."
-    systems = all_systems()
-    if name not in systems: raise ValueError(f"system={name!r} is not one of {', '.join(map(repr, systems))}")
-    return systems[name]
+__all__ = ['MAIN_SYSTEMS', 'parse_params', 'make_parser', 'cmd_generate', 'cmd_systems', 'main', 'preview_figure', 'run_main']
 
 # %% ../nbs/10_cli.ipynb #c8cf571f
 def parse_params(items: list[str] | None, # ["F=0.03", "k=0.062"]
@@ -77,14 +68,14 @@ def cmd_generate(args) -> dict:
     system = get_system(args.system)
     kw = {} if args.steps is None else {'steps': args.steps}
     if args.ic is not None: kw['ic'] = args.ic
-    return data.generate_dataset(system, args.out, n_traj=args.n_traj, res=args.res, seed=args.seed,
-                                 device=str(get_device(args.device)), split_name=args.split,
-                                 params=parse_params(args.params) or None, **kw)
+    return generate_dataset(system, args.out, n_traj=args.n_traj, res=args.res, seed=args.seed,
+                            device=str(get_device(args.device)), split_name=args.split,
+                            params=parse_params(args.params) or None, **kw)
 
 def cmd_systems(args) -> str:
     "A table of every system's parameters, splits and initial-condition families."
     lines = []
-    for name, s in all_systems().items():
+    for name, s in SYSTEMS.items():
         lines.append(f"{name}: ic={', '.join(s.ic_families)}; splits={', '.join(s.splits)}")
         for pname, p in s.params.items(): lines.append(f"    {pname} in [{p.low:g}, {p.high:g}]  {p.doc}")
     return '\n'.join(lines)
@@ -97,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == 'generate':
             res = cmd_generate(args); print(json.dumps(res, indent=1, default=str))
         elif args.command == 'info':
-            summary = data.info(args.path)
-            print(json.dumps(summary, indent=1, default=str) if args.json else data.info_text(summary))
+            summary = info(args.path)
+            print(json.dumps(summary, indent=1, default=str) if args.json else info_text(summary))
         elif args.command == 'systems': print(cmd_systems(args))
         elif args.command == 'main': print(json.dumps(run_main(args.out, res=args.res, n_traj=args.n_traj, steps=args.steps,
                                                                 device=args.device, seed=args.seed), indent=1))
@@ -147,11 +138,11 @@ def run_main(out: str | Path = 'runs/main', # output folder: data/ (Well dataset
     out = Path(out); t0 = time.time(); set_threads()
     summary = {}
     for name in progress(systems, desc='main job'):
-        summary[name] = data.generate_dataset(get_system(name), out / 'data', n_traj=n_traj, res=res, steps=steps, seed=seed,
-                                              device=str(get_device(device)), show_progress=False)
+        summary[name] = generate_dataset(get_system(name), out / 'data', n_traj=n_traj, res=res, steps=steps, seed=seed,
+                                         device=str(get_device(device)), show_progress=False)
         for files in summary[name]['files'].values():
-            for f in files: data.check_well_file(f, deep=True)          # every group, attribute, shape; no NaN/inf
-    trajs = {name: data.read_well(next(iter(sorted((out / 'data' / name / 'data' / 'train').glob('*.hdf5')))))
+            for f in files: check_well_file(f, deep=True)          # every group, attribute, shape; no NaN/inf
+    trajs = {name: read_well(next(iter(sorted((out / 'data' / name / 'data' / 'train').glob('*.hdf5')))))
              for name in systems}
     html = out / 'preview.html'
     with atomic_write(html) as f: f.write(preview_figure(trajs).to_html(include_plotlyjs=True, full_html=True))

@@ -1,13 +1,14 @@
-"physnb.cramer_wold: the X distribution's facts, the statistic per direction, the explorer widget headless, unfolding."
+"physnb.viz.cramer_wold: the X distribution's facts, the statistic per direction, the explorer widget headless, unfolding."
 import math
 
 import pytest
 import torch
 
-from physnb.cramer_wold import (ProjectionExplorer, animate_unfold, embed_defect, ks_normal, projection_explorer,
-                                quadrant_distribution, slices_to_detect, statistic_by_angle, unfold_points,
-                                x_distribution, x_expected_statistic, x_projection_cf)
-from physnb.sigreg import UNIVARIATE_TESTS, epps_pulley_grid
+from physnb.viz.cramer_wold import (ProjectionExplorer, animate_unfold, embed_defect, ks_normal,
+                                    projection_explorer, quadrant_distribution, slices_to_detect,
+                                    statistic_by_angle, unfold_points, x_distribution, x_expected_statistic,
+                                    x_projection_cf)
+from physnb.models.sigreg import UNIVARIATE_TESTS, epps_pulley_grid
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"Tests for physnb.data: The Well writer, checker, stats, reader, mixtures and generate_dataset."
+"Tests for physnb.data (well, stats, datasets, info, generate): The Well writer, checker, stats, reader, mixtures and generate_dataset."
 import math, os, pickle, shutil
 
 import h5py
@@ -7,11 +7,13 @@ import pytest
 import torch
 import yaml
 
-import physnb.data as data
+import physnb.data.well as well
 from physnb.core import Trajectories
-from physnb.data import (BC_CODES, Normalizer, WellDataset, WellFormatError, WellMixture, check_well_file,
-                         compute_stats, derive_seed, generate_dataset, system_settings, info, info_text, load_stats, read_well,
-                         split_counts, write_dataset, write_stats, write_well)
+from physnb.data.well import BC_CODES, WellFormatError, check_well_file, read_well, write_well
+from physnb.data.stats import Normalizer, compute_stats, load_stats, write_stats
+from physnb.data.datasets import WellDataset, WellMixture
+from physnb.data.generate import derive_seed, generate_dataset, system_settings, split_counts, write_dataset
+from physnb.data.info import info, info_text
 
 torch.set_num_threads(1)
 
@@ -50,7 +52,7 @@ def test_write_read_roundtrip_preserves_every_value(wave_file):
 
 def test_written_file_has_the_well_schema(wave_file):
     with h5py.File(wave_file) as f:
-        for k in data.ROOT_ATTRS: assert k in f.attrs
+        for k in well.ROOT_ATTRS: assert k in f.attrs
         assert list(f.attrs['simulation_parameters']) == ['speed'] and f.attrs['speed'].shape == (2,)
         assert sorted(f) == ['boundary_conditions', 'dimensions', 'scalars', 't0_fields', 't1_fields', 't2_fields']
         assert list(f['t0_fields'].attrs['field_names']) == ['u', 'rho']
@@ -83,13 +85,13 @@ def test_writer_refuses_nan_and_names_file_and_field(tmp_path):
 
 
 def _dying(after, monkeypatch):
-    "Make physnb.data._f32 raise KeyboardInterrupt (a kill) on its `after`-th call."
-    real, calls = data._f32, []
+    "Make physnb.data.well._f32 raise KeyboardInterrupt (a kill) on its `after`-th call."
+    real, calls = well._f32, []
     def f32(t):
         calls.append(1)
         if len(calls) == after: raise KeyboardInterrupt
         return real(t)
-    monkeypatch.setattr(data, '_f32', f32)
+    monkeypatch.setattr(well, '_f32', f32)
 
 
 def test_crash_mid_write_leaves_no_file_and_no_temp(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Facts about physnb.fno that a notebook cannot hold: multi-process DDP, checkpoint files, gradients of the fast path, error messages."""
+"""Facts about physnb.models.fno that a notebook cannot hold: multi-process DDP, checkpoint files, gradients of the fast path, error messages."""
 import os
 from dataclasses import asdict
 
@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from physnb.core import load_checkpoint, save_checkpoint
-from physnb.fno import FNO, FNOConfig, SpectralConv2d, neuralop_n_modes, spectral_conv_reference
+from physnb.models.fno import FNO, FNOConfig, SpectralConv2d, neuralop_n_modes, spectral_conv_reference
 
 torch.set_num_threads(1)
 CONFIG = dict(in_channels=3, width=8, modes=(4, 3), n_layers=2)

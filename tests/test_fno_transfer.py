@@ -40,7 +40,7 @@ def test_all_four_studies_write_finite_errors(tmp_path):
     assert all(_finite(r['scratch'] + r['finetune']) for r in results['mixture'].values())
     assert results['pretrain']['mixture']['n_train'] == 3 * TINY['n_pretrain']
     # the datasets are Well files that physnb.data accepts
-    from physnb.data import check_well_file
+    from physnb.data.well import check_well_file
     files = sorted((out_dir / 'data').rglob('*.hdf5'))
     assert len(files) == 3 * 2 + 5 * 3   # 3 pretraining sets (train, valid), 5 downstream tasks (train, valid, test)
     for f in files: check_well_file(f)

@@ -1,4 +1,4 @@
-"physnb.lejepa: views are exact symmetries, loss errors and collapse, probe, Spearman vs scipy, DDP = one process, papermill."
+"physnb.train.lejepa: views are exact symmetries, loss errors and collapse, probe, Spearman vs scipy, DDP = one process, papermill."
 import json, math, os, subprocess, sys
 from pathlib import Path
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from physnb.core import load_checkpoint
-from physnb.lejepa import (GlobalBatchNorm, LeJEPA, LeJEPAConfig, EncoderConfig, PhysicsViews, ViewConfig, apply_d4,
-                           component_letters, d4_channel_map, lejepa_loss, rankdata, ridge_probe, spearman,
-                           loss_error_correlation)
-from physnb.pdes import SYSTEMS
-from physnb.sigreg import SIGReg
+from physnb.train.lejepa import (GlobalBatchNorm, LeJEPA, LeJEPAConfig, EncoderConfig, PhysicsViews,
+                                 ViewConfig, apply_d4, component_letters, d4_channel_map, lejepa_loss,
+                                 rankdata, ridge_probe, spearman, loss_error_correlation)
+from physnb.sim.systems import SYSTEMS
+from physnb.models.sigreg import SIGReg
 from _launch import torchrun
 
 torch.set_num_threads(1)
@@ -184,7 +184,7 @@ def test_lejepa_model_forward_and_step():
 
 # ---------------------------------------------------------------- DDP under torchrun and the papermill run
 def _dataset(tmp_path):
-    from physnb.data import generate_dataset
+    from physnb.data.generate import generate_dataset
     return generate_dataset(SYSTEMS['gray_scott'], tmp_path / 'data', 8, res=16, steps=5, seed=0, splits=(0.5, 0.25, 0.25),
                             split_name='all', show_progress=False)['root']
 
@@ -197,10 +197,10 @@ ARGS = ['--epochs', '2', '--batch-size', '8', '--lr', '2e-3', '--width', '4', '-
 def test_ddp_under_torchrun_matches_one_process(tmp_path):
     "2 gloo ranks (4 samples each) reach the same weights as one process on the same global batches of 8."
     data = _dataset(tmp_path)
-    one = subprocess.run([sys.executable, '-m', 'physnb.lejepa', '--data', str(data), '--out-dir', str(tmp_path / 'one'), *ARGS],
+    one = subprocess.run([sys.executable, '-m', 'physnb.train.lejepa', '--data', str(data), '--out-dir', str(tmp_path / 'one'), *ARGS],
                          env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(torchrun() + ['-m', 'physnb.lejepa', '--data', str(data), '--out-dir', str(tmp_path / 'two'), *ARGS],
+    two = subprocess.run(torchrun() + ['-m', 'physnb.train.lejepa', '--data', str(data), '--out-dir', str(tmp_path / 'two'), *ARGS],
                          env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     if two.returncode != 0 and 'physnb' not in two.stderr: pytest.skip(f'torchrun could not start: {two.stderr[-500:]}')
     assert two.returncode == 0, two.stderr[-3000:]
@@ -220,7 +220,7 @@ def test_notebook_runs_under_papermill_and_writes_results(tmp_path):
     papermill = pytest.importorskip('papermill')
     out_dir = tmp_path / 'runs'
     os.environ.setdefault('OMP_NUM_THREADS', '1'); os.environ['PHYSNB_PROGRESS'] = '0'
-    papermill.execute_notebook(str(ROOT / 'nbs' / '09_lejepa.ipynb'), str(tmp_path / 'executed.ipynb'), cwd=str(ROOT / 'nbs'),
+    papermill.execute_notebook(str(ROOT / 'nbs' / '09_train.lejepa.ipynb'), str(tmp_path / 'executed.ipynb'), cwd=str(ROOT / 'nbs'),
                                parameters=dict(res=16, n_traj=12, steps=5, window=3, epochs=2, batch_size=8, width=4, embed_dim=16,
                                                n_local=1, num_slices=32, sweep_size=3, out_dir=str(out_dir)),
                                progress_bar=False, kernel_name='python3')

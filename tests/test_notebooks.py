@@ -9,13 +9,13 @@ NOTEBOOKS = sorted(p for p in NBS.glob('*.ipynb') if not p.name.startswith('_'))
 # experiment notebooks define no module (no `#| default_exp`); each must keep its papermill `parameters` tag
 EXPERIMENTS = [p for p in NOTEBOOKS if not ''.join(json.loads(p.read_text())['cells'][0]['source']).startswith('#| default_exp')]
 # notebooks that define a module AND are run with papermill (the issue asks for their parameters)
-PAPERMILL_LIBRARY = ['03_tokeniser.ipynb', '09_lejepa.ipynb']
+PAPERMILL_LIBRARY = ['03_models.tokeniser.ipynb', '09_train.lejepa.ipynb']
 PARAMETRISED = EXPERIMENTS + [NBS / n for n in PAPERMILL_LIBRARY if (NBS / n).exists()]
 
 def cells(p): return json.loads(p.read_text())['cells']
 
 def test_there_are_numbered_notebooks():
-    assert NOTEBOOKS and all(re.match(r'^\d\d[a-z]?_\w+\.ipynb$', p.name) for p in NOTEBOOKS), [p.name for p in NOTEBOOKS]
+    assert NOTEBOOKS and all(re.match(r'^\d\d[a-z]?_[a-z_]+(\.[a-z_]+)?\.ipynb$', p.name) for p in NOTEBOOKS), [p.name for p in NOTEBOOKS]
 
 @pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_opens_with_title_and_summary(nb):

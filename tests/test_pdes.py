@@ -1,4 +1,4 @@
-"""Physics tests for physnb.pdes that the notebook does not run: an independent-solver cross-check (py-pde),
+"""Physics tests for physnb.sim.pdes that the notebook does not run: an independent-solver cross-check (py-pde),
 CUDA agreement, the System API contract for every registered system, and slow data-quality checks."""
 import math
 import os
@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from physnb.core import Trajectories, load_checkpoint
-from physnb.pdes import (ETDRK4, GRAY_SCOTT_REGIMES, SYSTEMS, GrayScott, NavierStokes2D, Param, SpectralGrid2D, System,
-                         etdrk4_coefficients, random_vorticity)
+from physnb.sim.pdes import (ETDRK4, GRAY_SCOTT_REGIMES, GrayScott, NavierStokes2D, Param, SpectralGrid2D,
+                             System, etdrk4_coefficients, random_vorticity)
+from physnb.sim.systems import SYSTEMS as ALL_SYSTEMS
+SYSTEMS = {n: s for n, s in ALL_SYSTEMS.items() if type(s).__module__ == 'physnb.sim.pdes'}   # the systems physnb.sim.pdes defines
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -97,7 +99,7 @@ def test_simulate_is_reproducible_from_the_seed(name):
 _SIMULATE_AND_SAVE = """
 import sys, torch
 from physnb.core import save_checkpoint
-from physnb.pdes import SYSTEMS
+from physnb.sim.systems import SYSTEMS
 torch.set_num_threads(1)
 gs = SYSTEMS['gray_scott'].simulate(2, res=16, steps=1, seed=0, progress=False)     # ic=None: both IC families
 ns = SYSTEMS['ns2d'].simulate(2, res=16, steps=1, seed=0, ic='decaying', progress=False)

@@ -1,4 +1,4 @@
-"""physnb.sigreg: agreement with jepa-science 0.1.0 (the oracle; physnb never imports it), the chunked
+"""physnb.models.sigreg: agreement with jepa-science 0.1.0 (the oracle; physnb never imports it), the chunked
 characteristic-function autograd function, DDP over 2 gloo processes equals one process, dtypes, bad input,
 and the statistical facts LeJEPA relies on."""
 import math, os
@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from physnb.sigreg import (UNIVARIATE_TESTS, CharacteristicSums, SIGReg, anderson_darling, cramer_von_mises,
-                           epps_pulley, epps_pulley_grid, jarque_bera, moments, sigreg, unit_directions, vcreg)
+from physnb.models.sigreg import (UNIVARIATE_TESTS, CharacteristicSums, SIGReg, anderson_darling,
+                                  cramer_von_mises, epps_pulley, epps_pulley_grid, jarque_bera, moments,
+                                  sigreg, unit_directions, vcreg)
 
 torch.set_num_threads(1)
 NULL_MEAN = 1.0525        # Σ_k w_k (1 − φ_k²) on the default grid: E[T] for Gaussian data, any N

@@ -1,12 +1,15 @@
-"Facts about the steady operator families (physnb.steady): exact solves, Ψ targeting, rejection, sources, data plumbing."
+"Facts about the steady operator families (physnb.sim.steady): exact solves, Ψ targeting, rejection, sources, data plumbing."
 import math
 
 import pytest
 import torch
 
-from physnb.steady import (COEFFICIENTS, HELMHOLTZ_MAX, MIXTURE_CHANNELS, SYSTEMS, SteadyPairs, advection_diffusion_ratio,
-                           apply_steady_operator, gaussian_lattice_source, lattice_centres, operator_inputs,
-                           sample_amplitudes, solve_steady, steady_symbol, unit_grid, BUMP_WIDTH)
+from physnb.sim.steady import (COEFFICIENTS, HELMHOLTZ_MAX, MIXTURE_CHANNELS, advection_diffusion_ratio,
+                               apply_steady_operator, gaussian_lattice_source, lattice_centres,
+                               sample_amplitudes, solve_steady, steady_symbol, unit_grid, BUMP_WIDTH)
+from physnb.sim.systems import SYSTEMS as ALL_SYSTEMS
+from physnb.data.windows import SteadyPairs, operator_inputs
+SYSTEMS = {n: s for n, s in ALL_SYSTEMS.items() if type(s).__module__ == 'physnb.sim.steady'}   # the systems physnb.sim.steady defines
 
 torch.set_num_threads(1)
 
@@ -155,7 +158,8 @@ def test_mixture_layout_zero_fills_missing_coefficients():
 
 
 def test_well_files_round_trip_into_pairs(tmp_path):
-    from physnb.data import check_well_file, generate_dataset, write_well
+    from physnb.data.well import check_well_file, write_well
+    from physnb.data.generate import generate_dataset
     traj = SYSTEMS['advection_diffusion'].simulate(6, res=16, seed=0, progress=False)
     path = write_well(traj, tmp_path / 'ad.hdf5')
     check_well_file(path)
@@ -168,7 +172,7 @@ def test_well_files_round_trip_into_pairs(tmp_path):
 @pytest.mark.oracle
 def test_the_well_reads_a_steady_file(tmp_path):
     the_well = pytest.importorskip('the_well.data')
-    from physnb.data import write_well
+    from physnb.data.well import write_well
     traj = SYSTEMS['helmholtz'].simulate(4, res=16, seed=0, progress=False)
     write_well(traj, tmp_path / 'helmholtz' / 'data' / 'train' / 'helmholtz.hdf5')
     ds = the_well.WellDataset(path=str(tmp_path / 'helmholtz'), well_split_name='train',

@@ -1,4 +1,4 @@
-"""Facts about physnb.tokeniser that the notebook does not sweep: causality over random configs, every level at
+"""Facts about physnb.models.tokeniser that the notebook does not sweep: causality over random configs, every level at
 several (non-square) resolutions, error messages, dtypes, checkpoints, determinism, and the stage geometry against
 an independent patchify oracle."""
 import random
@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from physnb.core import load_checkpoint, save_checkpoint
-from physnb.tokeniser import (Compression, DownStage, FrameNorm, SPATIAL_STAGE_STRIDES, TEMPORAL_STAGE_STRIDES, Tokeniser,
-                              TokeniserConfig, UpStage, as_compression, crop_stage, dependency_matrix, load_tokeniser,
-                              overlaps, pad_stage, parse_levels, save_tokeniser)
+from physnb.models.tokeniser import (Compression, DownStage, FrameNorm, SPATIAL_STAGE_STRIDES,
+                                     TEMPORAL_STAGE_STRIDES, Tokeniser, TokeniserConfig, UpStage,
+                                     as_compression, crop_stage, dependency_matrix, load_tokeniser, overlaps,
+                                     pad_stage, parse_levels, save_tokeniser)
 
 FIELDS = ['A', 'B', 'vorticity', 'velocity_x', 'velocity_y']
 
@@ -312,14 +313,14 @@ def test_one_token_per_axis(mode):
 
 
 def test_notebook_pretrains_and_writes_results_under_papermill(tmp_path):
-    "03_tokeniser runs end to end with papermill (cwd nbs/, tiny steps, out_dir in tmp) and writes results for every level."
+    "03_models.tokeniser runs end to end with papermill (cwd nbs/, tiny steps, out_dir in tmp) and writes results for every level."
     import json, os
     from pathlib import Path
     papermill = pytest.importorskip('papermill')
     root = Path(__file__).resolve().parents[1]
     out_dir = tmp_path / 'tokrun'
     os.environ.setdefault('OMP_NUM_THREADS', '1'); os.environ['PHYSNB_PROGRESS'] = '0'
-    papermill.execute_notebook(str(root / 'nbs' / '03_tokeniser.ipynb'), str(tmp_path / 'executed.ipynb'), cwd=str(root / 'nbs'),
+    papermill.execute_notebook(str(root / 'nbs' / '03_models.tokeniser.ipynb'), str(tmp_path / 'executed.ipynb'), cwd=str(root / 'nbs'),
                                parameters=dict(steps=4, width=16, latent=4, out_dir=str(out_dir)), progress_bar=False,
                                kernel_name='python3')
     results = json.loads((out_dir / 'results.json').read_text())

@@ -1,4 +1,4 @@
-"physnb.tokpretrain: resume after SIGKILL, DDP equals one process, one level per step on every rank, masked channels, errors, report numbers."
+"physnb.train.autoencoding: resume after SIGKILL, DDP equals one process, one level per step on every rank, masked channels, errors, report numbers."
 import json, os, subprocess, sys, textwrap
 from pathlib import Path
 
@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 from physnb.core import load_checkpoint
-from physnb.data import generate_dataset
-from physnb.pdes import SYSTEMS
-from physnb.tokeniser import Compression, Tokeniser, TokeniserConfig
-from physnb.tokpretrain import (AutoencodingTask, FieldWindows, as_levels, autoencoding_batch, compare_adjustable,
-                                masked_mse, masked_vrmse, pretrain_tokeniser, reconstruction_report, steps_config)
+from physnb.data.generate import generate_dataset
+from physnb.sim.systems import SYSTEMS
+from physnb.models.tokeniser import Compression, Tokeniser, TokeniserConfig
+from physnb.train.autoencoding import (AutoencodingTask, FieldWindows, as_levels, autoencoding_batch,
+                                       compare_adjustable, masked_mse, masked_vrmse, pretrain_tokeniser,
+                                       reconstruction_report, steps_config)
 from _launch import torchrun
 
 torch.set_num_threads(1)
@@ -40,8 +41,8 @@ SCRIPT = textwrap.dedent('''
     import json, os, signal, sys
     import torch
     from physnb.core import save_checkpoint
-    from physnb.tokeniser import Tokeniser, TokeniserConfig
-    from physnb.tokpretrain import FieldWindows, pretrain_tokeniser, steps_config
+    from physnb.models.tokeniser import Tokeniser, TokeniserConfig
+    from physnb.train.autoencoding import FieldWindows, pretrain_tokeniser, steps_config
     torch.set_num_threads(1)
     out_dir, kill_at, init_seed, sources = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(',')
     rank = int(os.environ.get('RANK', '0'))

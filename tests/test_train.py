@@ -1,4 +1,4 @@
-"physnb.train: bit-identical resume after a real SIGKILL, DDP under torchrun equals one process, freezing, config checks."
+"physnb.train.trainer: bit-identical resume after a real SIGKILL, DDP under torchrun equals one process, freezing, config checks."
 import json, os, subprocess, sys, textwrap
 from pathlib import Path
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from physnb.core import load_checkpoint
-from physnb.train import TrainConfig, Trainer, lr_factor
+from physnb.train.trainer import TrainConfig, Trainer, lr_factor
 from _launch import torchrun
 
 torch.set_num_threads(1)
@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent('''
     import torch
     from torch import nn
     from physnb.core import save_checkpoint
-    from physnb.train import TrainConfig, Trainer
+    from physnb.train.trainer import TrainConfig, Trainer
     torch.set_num_threads(1)
     out_dir, kill_event, kill_at, seed, dropout = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 

@@ -1,13 +1,17 @@
-"""Physics tests for physnb.waves: rotating shallow water and heterogeneous acoustics (float64 unless stated)."""
+"""Physics tests for physnb.sim.waves: rotating shallow water and heterogeneous acoustics (float64 unless stated)."""
 import math
 
 import pytest
 import torch
 
 from physnb.core import Trajectories
-from physnb.pdes import SpectralGrid2D, animate
-from physnb.waves import (SYSTEMS, Acoustics, AcousticsSolver, DENSITY_FAMILIES, ShallowWater, ShallowWaterSolver,
-                          acoustic_frequency, balanced_state, density_field, pressure_sources, staggered_difference)
+from physnb.sim.pdes import SpectralGrid2D
+from physnb.viz.fields import animate
+from physnb.sim.systems import SYSTEMS as ALL_SYSTEMS
+from physnb.sim.waves import (Acoustics, AcousticsSolver, DENSITY_FAMILIES, ShallowWater, ShallowWaterSolver,
+                              acoustic_frequency, balanced_state, density_field, pressure_sources,
+                              staggered_difference)
+SYSTEMS = {n: s for n, s in ALL_SYSTEMS.items() if type(s).__module__ == 'physnb.sim.waves'}   # the systems physnb.sim.waves defines
 
 torch.set_num_threads(1)
 F64 = torch.float64

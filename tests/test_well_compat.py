@@ -13,8 +13,11 @@ from the_well.data.normalization import RMSNormalization, ZScoreNormalization  #
 from the_well.utils.dummy_data import write_dummy_data                       # noqa: E402
 
 from physnb.core import Trajectories                                           # noqa: E402
-from physnb.data import (BC_CODES, WellDataset, WellFormatError, check_well_file, compute_stats,  # noqa: E402
-                         generate_dataset, info, read_well, write_stats, write_well)
+from physnb.data.well import BC_CODES, WellFormatError, check_well_file, read_well, write_well
+from physnb.data.datasets import WellDataset
+from physnb.data.stats import compute_stats, write_stats
+from physnb.data.generate import generate_dataset
+from physnb.data.info import info
 
 pytestmark = pytest.mark.oracle
 torch.set_num_threads(1)
@@ -197,9 +200,9 @@ def test_the_wells_restriction_bug_is_not_ours(dataset_root):
 
 
 def _registered_systems() -> dict:
-    "Every System the solver modules register; a module that fails to import fails the collection, loudly."
-    import physnb.pdes, physnb.steady, physnb.waves
-    return {**physnb.pdes.SYSTEMS, **physnb.waves.SYSTEMS, **physnb.steady.SYSTEMS}
+    "Every System in the kit's one registry; a solver module that fails to import fails the collection, loudly."
+    from physnb.sim.systems import SYSTEMS
+    return dict(SYSTEMS)
 
 
 def test_the_solver_modules_register_systems():

@@ -1,4 +1,4 @@
-"""Headless tests of physnb.widgets: drive the ipywidgets controls, check the plotly FigureWidget (no browser)."""
+"""Headless tests of physnb.viz.widgets: drive the ipywidgets controls, check the plotly FigureWidget (no browser)."""
 import json
 from types import SimpleNamespace
 
@@ -10,8 +10,9 @@ import ipywidgets as widgets
 import plotly.graph_objects as go
 
 from physnb.metrics import vrmse
-from physnb.widgets import (frames_of, Windows, as_z, heatmap_row, update_panels, symmetric_range, compression_levels,
-                            CompressionExplorer, compression_explorer, RolloutScrubber, rollout_scrubber)
+from physnb.viz.widgets import (frames_of, Windows, as_z, heatmap_row, update_panels, symmetric_range,
+                                compression_levels, CompressionExplorer, compression_explorer,
+                                RolloutScrubber, rollout_scrubber)
 
 torch.set_num_threads(1)
 
@@ -219,8 +220,9 @@ def test_a_wrong_reconstruction_shape_is_named():
 
 
 def test_well_samples_are_converted_from_channels_last(tmp_path):
-    from physnb.pdes import SYSTEMS
-    from physnb.data import generate_dataset, WellDataset
+    from physnb.sim.systems import SYSTEMS
+    from physnb.data.generate import generate_dataset
+    from physnb.data.datasets import WellDataset
     gs = generate_dataset(SYSTEMS['gray_scott'], tmp_path, n_traj=2, res=16, steps=4, seed=0, show_progress=False, splits=(1, 0, 0))
     ds = WellDataset(gs['root'], split='train', n_steps_input=4, n_steps_output=0)
     w = compression_explorer(BlockMean(), ds, levels=[(4, 1), (8, 2), (16, 4)])    # fields from ds.field_names
@@ -285,7 +287,7 @@ def test_displaying_the_widget_refreshes_the_figure_state_voila_draws(explorer):
 
 
 def test_the_physnb_tokeniser_works_in_the_explorer():
-    from physnb.tokeniser import Tokeniser, TokeniserConfig
+    from physnb.models.tokeniser import Tokeniser, TokeniserConfig
     torch.manual_seed(0)
     tok = Tokeniser(TokeniserConfig(fields=['v', 'u', 'w'], width=16, latent=4))
     x = smooth_windows(n=2, T=2, H=24, W=24)
