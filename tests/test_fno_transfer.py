@@ -20,7 +20,10 @@ def _run(tmp_path, **parameters):
     papermill.execute_notebook(str(NOTEBOOK), str(tmp_path / 'executed.ipynb'), cwd=str(ROOT / 'nbs'),
                                parameters={**TINY, 'out_dir': str(out_dir), **parameters}, progress_bar=False,
                                kernel_name='python3')
-    return out_dir, json.loads((out_dir / 'results.json').read_text())
+    saved = json.loads((out_dir / 'results.json').read_text())
+    assert saved['schema'] == 'physnb.results/1' and saved['experiment'] == 'fno_transfer' and saved['seed'] == 0
+    assert saved['figures'] == [name for name in ('curves.html', 'size.html') if (out_dir / name).exists()]
+    return out_dir, {**saved['metrics'], 'parameters': saved['parameters'], 'timing': saved['timings']}   # the studies' view
 
 
 def _finite(values): return all(isinstance(v, float) and math.isfinite(v) and v >= 0 for v in values)

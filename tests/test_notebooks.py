@@ -9,7 +9,7 @@ NOTEBOOKS = sorted(p for p in NBS.glob('*.ipynb') if not p.name.startswith('_'))
 # experiment notebooks define no module (no `#| default_exp`); each must keep its papermill `parameters` tag
 EXPERIMENTS = [p for p in NOTEBOOKS if not ''.join(json.loads(p.read_text())['cells'][0]['source']).startswith('#| default_exp')]
 # notebooks that define a module AND are run with papermill (the issue asks for their parameters)
-PAPERMILL_LIBRARY = ['03_models.tokeniser.ipynb', '09_train.lejepa.ipynb']
+PAPERMILL_LIBRARY = ['09_train.lejepa.ipynb']   # its experiment moves to a module-free notebook next
 PARAMETRISED = EXPERIMENTS + [NBS / n for n in PAPERMILL_LIBRARY if (NBS / n).exists()]
 
 def cells(p): return json.loads(p.read_text())['cells']
@@ -52,3 +52,9 @@ def test_experiment_parameters_are_typed_and_commented(nb):
 def test_at_most_one_parameters_cell(nb):
     ps = [c for c in cells(nb) if 'parameters' in c['metadata'].get('tags', [])]
     assert len(ps) <= 1, f'{nb.name}: {len(ps)} cells tagged parameters; papermill injects after the first only'
+
+
+@pytest.mark.parametrize('nb', [p for p in NOTEBOOKS if p not in PARAMETRISED], ids=lambda p: p.name)
+def test_library_notebooks_carry_no_papermill_parameters(nb):
+    "Library notebooks define and demonstrate with fixed constants; experiments live in module-free notebooks."
+    assert not [c for c in cells(nb) if 'parameters' in c['metadata'].get('tags', [])], f'{nb.name}: move the experiment out'

@@ -312,19 +312,21 @@ def test_one_token_per_axis(mode):
             assert tok.decode(tokens, ['A'], comp).shape == x.shape
 
 
-def test_notebook_pretrains_and_writes_results_under_papermill(tmp_path):
-    "03_models.tokeniser runs end to end with papermill (cwd nbs/, tiny steps, out_dir in tmp) and writes results for every level."
+def test_pretrain_notebook_runs_from_the_repository_root_and_writes_results(tmp_path):
+    "04_pretrain runs end to end with papermill from the repository root (tiny steps) and writes results for every level."
     import json, os
     from pathlib import Path
     papermill = pytest.importorskip('papermill')
     root = Path(__file__).resolve().parents[1]
     out_dir = tmp_path / 'tokrun'
     os.environ.setdefault('OMP_NUM_THREADS', '1'); os.environ['PHYSNB_PROGRESS'] = '0'
-    papermill.execute_notebook(str(root / 'nbs' / '03_models.tokeniser.ipynb'), str(tmp_path / 'executed.ipynb'), cwd=str(root / 'nbs'),
+    papermill.execute_notebook(str(root / 'nbs' / '04_pretrain.ipynb'), str(tmp_path / 'executed.ipynb'), cwd=str(root),
                                parameters=dict(steps=4, width=16, latent=4, out_dir=str(out_dir)), progress_bar=False,
                                kernel_name='python3')
     results = json.loads((out_dir / 'results.json').read_text())
-    assert results['steps'] == 4 and results['width'] == 16 and results['levels'] == ['4x1', '8x1', '8x2', '16x4']
-    rows = [r for r in results['rows'] if r['field'] == 'all']
-    assert [r['level'] for r in rows] == results['levels'] and all(0 < r['vrmse_mean'] < 100 for r in rows)
+    assert results['schema'] == 'physnb.results/1' and results['experiment'] == 'tokeniser_pretrain'
+    assert results['metrics']['steps'] == 4 and results['parameters']['width'] == 16
+    assert results['parameters']['levels'] == ['4x1', '8x1', '8x2', '16x4'] and results['figures'] == ['report.html']
+    rows = [r for r in results['metrics']['rows'] if r['field'] == 'all']
+    assert [r['level'] for r in rows] == results['parameters']['levels'] and all(0 < r['vrmse_mean'] < 100 for r in rows)
     assert (out_dir / 'tokeniser.safetensors').exists() and load_tokeniser(out_dir / 'tokeniser.safetensors').config.width == 16

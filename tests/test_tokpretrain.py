@@ -11,7 +11,7 @@ from physnb.core import load_checkpoint
 from physnb.data.generate import generate_dataset
 from physnb.sim.systems import SYSTEMS
 from physnb.models.tokeniser import Compression, Tokeniser, TokeniserConfig
-from physnb.train.autoencoding import (AutoencodingTask, FieldWindows, as_levels, autoencoding_batch,
+from physnb.train.autoencoding import (AutoencodingTask, FieldWindows, as_levels, fields_and_mask,
                                        compare_adjustable, masked_mse, masked_vrmse, pretrain_tokeniser,
                                        reconstruction_report, steps_config)
 from _launch import torchrun
@@ -64,7 +64,8 @@ SCRIPT = textwrap.dedent('''
     config = steps_config(12, len(train), 8, lr=3e-3, device='cpu', out_dir=out_dir, save_every=3)
     run = pretrain_tokeniser(tok, train, None, '4x1,8x1,8x2,16x4', config, callbacks=[killer])
     print('TRAINING_DONE', rank, run['steps'], flush=True)
-    if rank == 0: save_checkpoint(os.path.join(out_dir, 'final.safetensors'), model=run['task'].state_dict())
+    if rank == 0: save_checkpoint(os.path.join(out_dir, 'final.safetensors'), model=run['trainer'].model.state_dict(),
+                                task=run['task'].state_dict())
 ''')
 
 
@@ -91,32 +92,34 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, roots, uninterrupted):
     "Killed at step 7 (last checkpoint: step 6), resumed from other initial weights: same weights, same levels."
     killed = _run(tmp_path, tmp_path / 'b', 7, 0, [roots['gray_scott']])
     assert killed.returncode == -9, (killed.returncode, killed.stderr[-3000:])
-    assert load_checkpoint(tmp_path / 'b' / 'last.safetensors')['model']['step'].item() == 6
+    assert load_checkpoint(tmp_path / 'b' / 'last.safetensors')['task']['step'] == 6        # the task's level counter
     resumed = _run(tmp_path, tmp_path / 'b', -1, 123, [roots['gray_scott']])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     wa, wb = load_checkpoint(uninterrupted / 'final.safetensors')['model'], load_checkpoint(tmp_path / 'b' / 'final.safetensors')['model']
     for name, tensor in wa.items(): assert torch.equal(tensor, wb[name]), name
-    assert wb['step'].item() == 12
+    assert load_checkpoint(tmp_path / 'b' / 'final.safetensors')['task']['step'] == 12
     # the killed run trained steps 0..6 (7 forwards), the resumed one redid step 6 onwards: the same level sequence
     whole, parts = _levels(uninterrupted), _levels(tmp_path / 'b')
     assert len(whole) == 12 and parts[:6] + parts[7:] == whole and len(set(whole)) > 1
 
 
 def test_levels_are_a_pure_function_of_seed_and_step():
-    task = AutoencodingTask(nn.Identity(), ['A'], LEVELS, seed=3)
+    task = AutoencodingTask(['A'], LEVELS, seed=3)
     seq = [task.level_at(s) for s in range(200)]
-    assert seq == [AutoencodingTask(nn.Identity(), ['A'], LEVELS, seed=3).level_at(s) for s in range(200)]
-    assert seq != [AutoencodingTask(nn.Identity(), ['A'], LEVELS, seed=4).level_at(s) for s in range(200)]
+    assert seq == [AutoencodingTask(['A'], LEVELS, seed=3).level_at(s) for s in range(200)]
+    assert seq != [AutoencodingTask(['A'], LEVELS, seed=4).level_at(s) for s in range(200)]
     assert set(seq) == set(as_levels(LEVELS))
 
 
 def _close_weights(one: dict, two: dict):
     """Same weights up to summation order: the gradient all-reduce adds in another order, and Adam magnifies the
-    rounding in entries with tiny gradients; a different batch or level would move weights by ~lr = 3e-3 per step."""
-    assert torch.equal(one['step'], two['step'])
+    rounding in entries with tiny gradients; a different batch or level would move weights by ~lr = 3e-3 per step.
+    `one`, `two`: final checkpoints (the model's weights and the task's level counter)."""
+    assert one['task']['step'] == two['task']['step']
+    one, two = one['model'], two['model']
     for name, tensor in one.items(): torch.testing.assert_close(two[name], tensor, rtol=1e-3, atol=1e-4, msg=name)
-    diff = torch.cat([(two[k] - v).flatten().double() for k, v in one.items() if k != 'step']).norm()
-    norm = torch.cat([v.flatten().double() for k, v in one.items() if k != 'step']).norm()
+    diff = torch.cat([(two[k] - v).flatten().double() for k, v in one.items()]).norm()
+    norm = torch.cat([v.flatten().double() for k, v in one.items()]).norm()
     assert diff / norm < 1e-5, (diff / norm).item()
 
 
@@ -128,7 +131,7 @@ def test_ddp_matches_one_process_and_ranks_share_levels(tmp_path, roots, uninter
         pytest.skip(f'torchrun could not start: {r.stderr[-500:]}')
     assert r.returncode == 0 and r.stdout.count('TRAINING_DONE') == 2, r.stderr[-4000:]
     assert _levels(tmp_path / 'two', 0) == _levels(tmp_path / 'two', 1) == _levels(uninterrupted)
-    _close_weights(load_checkpoint(uninterrupted / 'final.safetensors')['model'], load_checkpoint(tmp_path / 'two' / 'final.safetensors')['model'])
+    _close_weights(load_checkpoint(uninterrupted / 'final.safetensors'), load_checkpoint(tmp_path / 'two' / 'final.safetensors'))
 
 
 @pytest.mark.slow
@@ -139,7 +142,7 @@ def test_ddp_on_a_mixture_matches_one_process(tmp_path, roots):
     assert one.returncode == 0, one.stderr[-3000:]
     two = _run(tmp_path, tmp_path / 'two', -1, 0, sources, launcher=torchrun())
     assert two.returncode == 0, two.stderr[-4000:]
-    _close_weights(load_checkpoint(tmp_path / 'one' / 'final.safetensors')['model'], load_checkpoint(tmp_path / 'two' / 'final.safetensors')['model'])
+    _close_weights(load_checkpoint(tmp_path / 'one' / 'final.safetensors'), load_checkpoint(tmp_path / 'two' / 'final.safetensors'))
 
 
 def test_absent_channels_get_no_gradient_and_do_not_train(roots):
@@ -148,9 +151,9 @@ def test_absent_channels_get_no_gradient_and_do_not_train(roots):
     ns2d = [i for i in range(len(mixture)) if mixture[i]['dataset_index'] == 1]
     tok = small(mixture.field_names)
     batch = torch.utils.data.default_collate([mixture[i] for i in ns2d[:4]])
-    inputs, target = autoencoding_batch(batch)
-    masked_mse(tok(inputs['x'] + 5.0 * ~inputs['channel_mask'][:, None, :, None, None], mixture.field_names, (8, 1),
-                   inputs['channel_mask']), target).backward()      # garbage in the absent channels must not matter
+    x, mask = fields_and_mask(batch)
+    masked_mse(tok(x + 5.0 * ~mask[:, None, :, None, None], mixture.field_names, (8, 1), mask),
+               x, mask).backward()                                  # garbage in the absent channels must not matter
     for table in (tok.field_in, tok.field_out, tok.field_out_bias):
         assert (table.grad[:2] == 0).all() and (table.grad[2:] != 0).any()
 
@@ -220,8 +223,8 @@ def test_masked_vrmse_is_the_trainer_metric_of_the_report(roots):
     tok = small(windows.field_names).eval()
     rows = reconstruction_report(tok, windows, '8x1')
     batch = torch.utils.data.default_collate([windows[i] for i in range(len(windows))])
-    inputs, target = autoencoding_batch(batch)
-    with torch.no_grad(): per_sample = masked_vrmse(tok(inputs['x'], windows.field_names, (8, 1)), target)
+    x, mask = fields_and_mask(batch)
+    with torch.no_grad(): per_sample = masked_vrmse(tok(x, windows.field_names, (8, 1)), x, mask)
     assert per_sample.mean().item() == pytest.approx(next(r for r in rows if r['field'] == 'all')['vrmse_mean'], rel=1e-5)
 
 

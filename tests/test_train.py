@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from physnb.core import load_checkpoint
-from physnb.train.trainer import TrainConfig, Trainer, lr_factor
+from physnb.train.trainer import Regression, Task, TrainConfig, Trainer, lr_factor
 from _launch import torchrun
 
 torch.set_num_threads(1)
@@ -251,7 +251,7 @@ def test_non_finite_loss_raises_and_keeps_the_last_checkpoint(tmp_path):
 def test_non_finite_validation_metric_raises_before_it_is_recorded():
     nan_metric = lambda pred, target: torch.full((len(pred),), float('inf'))
     trainer = Trainer(nn.Conv1d(1, 1, 1), _pairs(), _pairs(32), TrainConfig(epochs=2, batch_size=16, device='cpu', progress=False),
-                      metric=nan_metric)
+                      Regression(metric=nan_metric))
     with pytest.raises(FloatingPointError, match=r'validation metric is inf after epoch 0 .*4 optimiser steps'):
         trainer.fit()
     assert trainer.history == [] and trainer.best_epoch is None
@@ -273,3 +273,49 @@ def test_resuming_at_max_steps_trains_no_further(tmp_path):
     assert Trainer(nn.Conv1d(1, 1, 1), _pairs(), config=TrainConfig(**recipe)).fit()['steps'] == 3
     again = Trainer(nn.Conv1d(1, 1, 1), _pairs(), config=TrainConfig(**recipe)).fit()
     assert again['steps'] == 3 and again['stopped']
+
+
+class CountingTask(Task):
+    "A task with its own state (a step counter) and two named loss parts; validation reports two metrics."
+    metric = 'mae'
+    def __init__(self): self.step = 0
+    def loss(self, model, batch):
+        x, y = batch; self.step += 1
+        err = model(x) - y
+        return {'loss': err.pow(2).mean(), 'mse': err.pow(2).mean(), 'step': torch.tensor(float(self.step))}
+    def metrics(self, model, batch):
+        x, y = batch; err = (model(x) - y).flatten(1)
+        return {'mae': err.abs().mean(1), 'batch_max': err.abs().max()}   # per sample, and one value per batch
+    def predict(self, model, batch): return model(batch[0])
+    def state_dict(self): return {'step': self.step}
+    def load_state_dict(self, state): self.step = int(state['step'])
+
+
+def test_a_task_owns_loss_parts_metrics_and_state(tmp_path):
+    "The trainer records the task's parts, selects by task.metric, keeps every metric, and resumes the task's state."
+    recipe = dict(epochs=2, batch_size=16, device='cpu', progress=False, out_dir=str(tmp_path), max_steps=5)
+    task = CountingTask()
+    trainer = Trainer(nn.Conv1d(1, 1, 1), _pairs(), _pairs(32), TrainConfig(**recipe), task)
+    trainer.fit()
+    assert task.step == 5 and trainer.last_parts['step'].item() == 5.0 and set(trainer.last_parts) == {'mse', 'step'}
+    resumed_task = CountingTask()
+    resumed = Trainer(nn.Conv1d(1, 1, 1), _pairs(), _pairs(32), TrainConfig(**{**recipe, 'max_steps': None}), resumed_task)
+    out = resumed.fit()
+    assert resumed_task.step == 8 == out['steps']                      # 4 steps per epoch; counted on from 5
+    record = out['history'][-1]
+    assert set(record['valid']) == {'mae', 'batch_max'} and record['valid_metric'] == record['valid']['mae']
+    x, y = _pairs(32).tensors
+    with torch.no_grad(): mae = (resumed.model(x) - y).abs().flatten(1).mean(1).mean().item()
+    assert resumed.evaluate(_pairs(32)) == pytest.approx(mae, rel=1e-5)
+    assert resumed.evaluate(_pairs(32), 'batch_max') > mae
+    with pytest.raises(KeyError, match="metric='rmse' is not one of 'batch_max', 'mae'"):
+        resumed.evaluate(_pairs(32), 'rmse')
+
+
+def test_a_task_that_returns_no_loss_dict_is_named():
+    class Bare(CountingTask):
+        def loss(self, model, batch): return super().loss(model, batch)['loss']
+    with pytest.raises(TypeError, match="Bare.loss must return a dict with the scalar 'loss'"):
+        Trainer(nn.Conv1d(1, 1, 1), _pairs(), None, TrainConfig(epochs=1, batch_size=16, device='cpu', progress=False), Bare()).fit()
+    with pytest.raises(TypeError, match='task must be a physnb.train.trainer.Task'):
+        Trainer(nn.Conv1d(1, 1, 1), _pairs(), None, TrainConfig(device='cpu'), lambda m, b: 0)

@@ -18,16 +18,17 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..core import atomic_write, get_device, seed_everything
+from ..results import run_dir, write_results
 from ..sim.systems import SYSTEMS, TIME_DEPENDENT
 from ..data.datasets import WellDataset, WellMixture
 from ..data.generate import generate_dataset
 from ..metrics import binned_spectral_error, vrmse
-from .trainer import TrainConfig, Trainer
+from .trainer import Task, TrainConfig, Trainer
 from ..models.tokeniser import Compression, Tokeniser, TokeniserConfig, parse_levels, save_tokeniser
 
 
 # %% auto #0
-__all__ = ['RECONSTRUCTION_LOSSES', 'DRAWS', 'BUDGETS', 'FieldWindows', 'autoencoding_batch', 'masked_mse', 'masked_vrmse',
+__all__ = ['RECONSTRUCTION_LOSSES', 'DRAWS', 'BUDGETS', 'FieldWindows', 'fields_and_mask', 'masked_mse', 'masked_vrmse',
            'as_levels', 'level_name', 'AutoencodingTask', 'check_pretraining', 'steps_config', 'StepLossLog',
            'pretrain_tokeniser', 'band_names', 'reconstruction_report', 'report_figure', 'reconstruction_figure',
            'step_flops', 'compare_adjustable', 'comparison_figure', 'parse_systems', 'run_pretraining']
@@ -102,39 +103,43 @@ class FieldWindows(Dataset):
         return self.mixture.denormalize(fields.movedim(-3, -1), dataset_index).movedim(-1, -3)
 
 # %% ../../nbs/03a_train.autoencoding.ipynb #8269b7b3
-def autoencoding_batch(batch: dict, # a collated `FieldWindows` batch
-                      ) -> tuple[dict, torch.Tensor]: # ({'x', 'channel_mask'}, target with NaN in absent channels)
-    "The Trainer's `batch_fn` for autoencoding: the input is the target; absent channels are NaN in the target."
-    x, mask = batch['fields'], batch['channel_mask']                    # (B, T, C, H, W), (B, C)
-    present = mask[:, None, :, None, None].expand_as(x)
-    if not torch.isfinite(x[present]).all():
+def fields_and_mask(batch: dict, # a collated `FieldWindows` batch
+                   ) -> tuple[torch.Tensor, torch.Tensor]: # fields (B, T, C, H, W) and channel mask (B, C)
+    "The fields and channel mask of a batch, refusing NaN/inf in the channels its samples have."
+    x, mask = batch['fields'], batch['channel_mask']
+    if not torch.isfinite(x[_entries(x, mask)]).all():
         raise ValueError("a batch has NaN/inf values in channels its samples have; check the data (physnb.data.well.check_well_file)")
-    return dict(x=x, channel_mask=mask), x.masked_fill(~present, float('nan'))
+    return x, mask
 
-def _present(target: torch.Tensor) -> torch.Tensor: return ~torch.isnan(target)
+def _entries(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    "The (B, T, C, H, W) entries of the channels each sample has."
+    return mask[:, None, :, None, None].expand_as(x)
 
-def masked_mse(pred: torch.Tensor,   # reconstruction (B, T, C, H, W)
-               target: torch.Tensor, # fields, NaN where the sample lacks the channel
-              ) -> torch.Tensor:     # scalar
-    "Mean over samples of each sample's squared error over the entries it has."
-    present = _present(target)
+def masked_mse(pred: torch.Tensor,         # reconstruction (B, T, C, H, W)
+               target: torch.Tensor,       # fields (B, T, C, H, W)
+               channel_mask: torch.Tensor, # (B, C) bool: channels each sample has
+              ) -> torch.Tensor:           # scalar
+    "Mean over samples of each sample's squared error over the channels it has."
+    present = _entries(target, channel_mask)
     count = present.flatten(1).sum(1)                                                 # (B,) entries each sample has
-    if not (count > 0).all(): raise ValueError("a target sample has no present entry (all NaN): nothing to reconstruct")
-    err = (pred.float() - target.nan_to_num(0.0).float()) * present
+    if not (count > 0).all(): raise ValueError("a sample has no channel in its channel_mask: nothing to reconstruct")
+    err = (pred.float() - target.float().masked_fill(~present, 0.0)) * present
     return (err.pow(2).flatten(1).sum(1) / count).mean()
 
-def masked_vrmse(pred: torch.Tensor,   # reconstruction (B, T, C, H, W)
-                 target: torch.Tensor, # fields, NaN where the sample lacks the channel
-                ) -> torch.Tensor:     # (B,) mean VRMSE over frames and present channels
+def masked_vrmse(pred: torch.Tensor,         # reconstruction (B, T, C, H, W)
+                 target: torch.Tensor,       # fields (B, T, C, H, W)
+                 channel_mask: torch.Tensor, # (B, C) bool: channels each sample has
+                ) -> torch.Tensor:           # (B,) mean VRMSE over frames and present channels
     "Per-sample VRMSE (The Well's numerics), averaged over frames and the channels the sample has."
-    entries = _present(target)
-    present = entries.flatten(3).all(-1)                                            # (B, T, C)
+    entries = _entries(target, channel_mask)
+    present = channel_mask[:, None, :].expand(target.shape[:3])                      # (B, T, C)
     pred = torch.where(entries, pred.float(), 1.0)                                  # absent: a fixed, finite error
-    v = vrmse(pred.movedim(2, -1), target.nan_to_num(0.0).float().movedim(2, -1))   # (B, T, H, W, C) -> (B, T, C)
+    target = target.float().masked_fill(~entries, 0.0)
+    v = vrmse(pred.movedim(2, -1), target.movedim(2, -1))                           # (B, T, H, W, C) -> (B, T, C)
     v = torch.where(present, v, torch.zeros_like(v))                                # absent: no value, no gradient
     return v.sum((1, 2)) / present.sum((1, 2)).clamp_min(1)
 
-RECONSTRUCTION_LOSSES = {'mse': masked_mse, 'vrmse': lambda pred, target: masked_vrmse(pred, target).mean()}
+RECONSTRUCTION_LOSSES = {'mse': masked_mse, 'vrmse': lambda pred, target, mask: masked_vrmse(pred, target, mask).mean()}
 
 # %% ../../nbs/03a_train.autoencoding.ipynb #3b5e49ad
 DRAWS = ('random', 'cycle')
@@ -161,38 +166,44 @@ def level_name(level: Sequence[int]) -> str:
     "'8x2' for Compression(8, 2): spatial x temporal."
     return f"{level[0]}x{level[1]}"
 
-class AutoencodingTask(nn.Module):
-    "Wrap a tokeniser for the Trainer: reconstruct the fields at a compression level drawn per training step."
-    def __init__(self, tokeniser: nn.Module,          # a physnb Tokeniser (or anything with the same forward)
-                 fields: Sequence[str],               # channel names of the data, in order (`FieldWindows.field_names`)
+class AutoencodingTask(Task):
+    "Tokeniser pretraining for the Trainer: reconstruct the fields at a compression level drawn per training step."
+    metric = 'vrmse'                                   # masked_vrmse at eval_compression picks the best checkpoint
+    def __init__(self, field_names: Sequence[str],     # channel names of the data, in order (`FieldWindows.field_names`)
                  levels: str | Sequence = '8x1',      # allowed compressions, e.g. '4x1,8x1,8x2'
                  seed: int = 0,                       # seed of the level sequence
                  draw: str = 'random',                # 'random': uniform per step | 'cycle': in order
-                 eval_compression: Sequence[int] | None = None, # level in evaluation mode; default the first
+                 eval_compression: Sequence[int] | None = None, # level for validation and predict; default the first
+                 loss: str = 'mse',                   # 'mse' | 'vrmse' over present channels
                 ):
-        super().__init__()
         if draw not in DRAWS: raise ValueError(f"draw={draw!r} is not one of {', '.join(map(repr, DRAWS))}")
-        self.tokeniser, self.fields, self.levels = tokeniser, list(fields), as_levels(levels)
-        self.seed, self.draw = seed, draw
+        if loss not in RECONSTRUCTION_LOSSES: raise ValueError(f"loss={loss!r} is not one of {', '.join(map(repr, RECONSTRUCTION_LOSSES))}")
+        self.field_names, self.levels, self.seed, self.draw = list(field_names), as_levels(levels), seed, draw
         self.eval_compression = Compression(*(eval_compression or self.levels[0]))
-        self.register_buffer('step', torch.zeros((), dtype=torch.long))   # training forwards so far (checkpointed)
+        self.criterion, self.step = RECONSTRUCTION_LOSSES[loss], 0   # step: training losses so far (checkpointed)
 
     def level_at(self, step: int) -> Compression:
         "The level of training step `step`: a pure function of `(seed, step)`."
         if self.draw == 'cycle' or len(self.levels) == 1: return self.levels[step % len(self.levels)]
         return self.levels[random.Random(self.seed * 1_000_003 + step).randrange(len(self.levels))]
 
-    def forward(self, x: torch.Tensor,                  # (B, T, C, H, W) normalised fields on `fields`
-                channel_mask: torch.Tensor | None = None, # (B, C) bool: channels each sample has
-               ) -> torch.Tensor:                       # reconstruction (B, T, C, H, W)
-        if self.training:
-            compression = self.level_at(int(self.step))
-            self.step += 1
-        else: compression = self.eval_compression
-        return self.tokeniser(x, self.fields, compression=compression, channel_mask=channel_mask)
+    def reconstruct(self, model: nn.Module, batch: dict, compression: Sequence[int]) -> torch.Tensor:
+        x, mask = fields_and_mask(batch)                                  # (B, T, C, H, W), (B, C)
+        return model(x, self.field_names, compression=compression, channel_mask=mask)
 
-    def extra_repr(self) -> str:
-        return f"levels={[level_name(l) for l in self.levels]}, draw={self.draw!r}, seed={self.seed}, eval={level_name(self.eval_compression)}"
+    def loss(self, model, batch):
+        compression = self.level_at(self.step); self.step += 1
+        return {'loss': self.criterion(self.reconstruct(model, batch, compression), batch['fields'], batch['channel_mask'])}
+    def metrics(self, model, batch):
+        pred = self.reconstruct(model, batch, self.eval_compression)
+        return {'vrmse': masked_vrmse(pred, batch['fields'], batch['channel_mask'])}
+    def predict(self, model, batch): return self.reconstruct(model, batch, self.eval_compression)
+    def state_dict(self) -> dict: return {'step': self.step}
+    def load_state_dict(self, state: dict): self.step = int(state.get('step', 0))
+
+    def __repr__(self) -> str:
+        return (f"AutoencodingTask(levels={[level_name(l) for l in self.levels]}, draw={self.draw!r}, seed={self.seed}, "
+                f"eval={level_name(self.eval_compression)}, step={self.step})")
 
 # %% ../../nbs/03a_train.autoencoding.ipynb #57e801a5
 def check_pretraining(tokeniser: nn.Module,    # the tokeniser to train
@@ -230,7 +241,7 @@ class StepLossLog:
     def __init__(self): self.rows = []
     def __call__(self, trainer, event: str):
         if event == 'step':
-            self.rows.append(dict(step=trainer.step - 1, level=level_name(trainer.model.level_at(trainer.step - 1)),
+            self.rows.append(dict(step=trainer.step - 1, level=level_name(trainer.task.level_at(trainer.step - 1)),
                                   loss=trainer.last_loss.item()))
     def by_level(self) -> dict[str, list[float]]:
         "Losses per level, in step order."
@@ -250,14 +261,12 @@ def pretrain_tokeniser(tokeniser: nn.Module,        # a physnb Tokeniser, traine
                       ) -> dict:                    # trainer, task, seconds, and Trainer.fit's result
     "Pretrain `tokeniser` as an autoencoder with the shared Trainer, one compression level per step."
     levels = as_levels(levels)
-    if loss not in RECONSTRUCTION_LOSSES: raise ValueError(f"loss={loss!r} is not one of {', '.join(map(repr, RECONSTRUCTION_LOSSES))}")
-    if valid is not None and valid.field_names != train.field_names:
-        raise ValueError(f"valid has fields {valid.field_names} but train has {train.field_names}; build both from the same datasets in the same order")
     check_pretraining(tokeniser, train, levels)
     config = config or steps_config(100, len(train), min(8, len(train)))
-    task = AutoencodingTask(tokeniser, train.field_names, levels, seed=config.seed, draw=draw, eval_compression=eval_compression)
-    trainer = Trainer(task, train, valid, config, loss=RECONSTRUCTION_LOSSES[loss], metric=masked_vrmse, batch_fn=autoencoding_batch,
-                      callbacks=callbacks)
+    task = AutoencodingTask(train.field_names, levels, seed=config.seed, draw=draw, eval_compression=eval_compression, loss=loss)
+    if valid is not None and valid.field_names != train.field_names:
+        raise ValueError(f"valid has fields {valid.field_names} but train has {train.field_names}; build both from the same datasets in the same order")
+    trainer = Trainer(tokeniser, train, valid, config, task, callbacks=callbacks)
     tic = time.perf_counter()
     result = trainer.fit()
     return dict(trainer=trainer, task=task, seconds=time.perf_counter() - tic, **result)
@@ -380,11 +389,11 @@ def step_flops(tokeniser: nn.Module,      # the tokeniser (a copy is measured; i
     "FLOPs of one training step's forward and backward at `level` (torch's flop counter; optimiser not counted)."
     model = copy.deepcopy(tokeniser).train()
     batch = next(iter(DataLoader(windows, batch_size=batch_size, shuffle=False)))
-    inputs, target = autoencoding_batch(batch)
     dev = next(model.parameters()).device
+    x, mask = (t.to(dev) for t in fields_and_mask(batch))
     with FlopCounterMode(display=False) as counter:
-        pred = model(inputs['x'].to(dev), windows.field_names, compression=Compression(*level), channel_mask=inputs['channel_mask'].to(dev))
-        RECONSTRUCTION_LOSSES[loss](pred, target.to(dev)).backward()
+        pred = model(x, windows.field_names, compression=Compression(*level), channel_mask=mask)
+        RECONSTRUCTION_LOSSES[loss](pred, x, mask).backward()
     return int(counter.get_total_flops())
 
 def compare_adjustable(make_tokeniser: Callable[[], nn.Module], # builds a fresh tokeniser (called once per model)
@@ -485,7 +494,7 @@ def run_pretraining(datasets: str = 'gray_scott,ns2d',   # comma-separated syste
                     device: str = 'cpu',
                     res: int = 32,             # grid points per axis of the generated data (and the crop)
                     frames: int = 8,           # frames per window
-                    out_dir: str | Path = '../runs/tokeniser_pretrain', # everything is written here
+                    out_dir: str | Path = 'runs/tokeniser_pretrain', # everything goes here (relative: from the repository root)
                     n_traj: int = 6,           # trajectories per system (train/valid/test 80/10/10, at least one each)
                     batch_size: int = 8,
                     lr: float = 3e-3,
@@ -495,7 +504,7 @@ def run_pretraining(datasets: str = 'gray_scott,ns2d',   # comma-separated syste
                    ) -> dict:                  # tokeniser, rows, figure, paths, data_roots, train/valid windows, history, seconds (this call's fit)
     "Generate (if missing) → pretrain → evaluate → write results.json, checkpoints and the report figure."
     names, levels = parse_systems(datasets), as_levels(compression_levels)
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    out = run_dir(out_dir); out.mkdir(parents=True, exist_ok=True)
     known = _systems()
     roots = [generate_dataset(known[n], Path(data_root) if data_root is not None else out / 'data', n_traj=n_traj, res=res, steps=frames + 4, seed=seed,
                               show_progress=show_progress)['root'] for n in names]
@@ -515,12 +524,11 @@ def run_pretraining(datasets: str = 'gray_scott,ns2d',   # comma-separated syste
     paths = dict(results=out / 'results.json', figure=out / 'report.html', tokeniser=out / 'tokeniser.safetensors',
                  checkpoints=out / 'checkpoints')
     save_tokeniser(paths['tokeniser'], tokeniser)                      # physnb.models.tokeniser.load_tokeniser reads it back
-    with atomic_write(paths['figure']) as f: f.write(fig.to_html(include_plotlyjs=True))   # self-contained: opens offline
-    results = dict(datasets=names, levels=[level_name(l) for l in levels], width=width, latent=latent, steps=run['steps'],
-                   seed=seed, res=res, frames=frames, n_traj=n_traj, batch_size=batch_size, lr=lr, loss=loss,
-                   fields=train.field_names, n_train=len(train), n_valid=len(valid),
-                   train_seconds=sum(h['time'] for h in run['history']),   # completed epochs, summed across resumed calls
-                   history=run['history'], rows=rows, data_roots=[str(r) for r in roots])
-    with atomic_write(paths['results']) as f: json.dump(results, f, indent=1)
+    parameters = dict(datasets=names, levels=[level_name(l) for l in levels], width=width, latent=latent, steps=steps,
+                      res=res, frames=frames, n_traj=n_traj, batch_size=batch_size, lr=lr, loss=loss)
+    metrics = dict(steps=run['steps'], fields=train.field_names, n_train=len(train), n_valid=len(valid), rows=rows,
+                   history=run['history'], data_roots=[str(r) for r in roots])
+    write_results(out, 'tokeniser_pretrain', parameters, metrics, seed, figures=dict(report=fig), device=get_device(device),
+                  timings=dict(train=sum(h['time'] for h in run['history'])))  # completed epochs, summed across resumed calls
     return dict(tokeniser=tokeniser, rows=rows, figure=fig, paths={k: str(v) for k, v in paths.items()},
                 data_roots=[str(r) for r in roots], train=train, valid=valid, history=run['history'], seconds=run['seconds'])

@@ -19,15 +19,14 @@ from ..core import atomic_write, seed_everything, set_threads
 from ..data.datasets import WellDataset
 from ..data.generate import derive_seed
 from ..models.sigreg import SIGReg
-from .trainer import TrainConfig, Trainer
+from .trainer import Regression, Task, TrainConfig, Trainer
 
 
 # %% auto #0
 __all__ = ['PSEUDOSCALARS', 'component_letters', 'd4_channel_map', 'apply_d4', 'ViewConfig', 'PhysicsViews', 'GlobalBatchNorm',
            'EncoderConfig', 'ResBlock', 'Encoder', 'projector', 'lejepa_loss', 'LeJEPAConfig', 'LeJEPA', 'ParamWindows',
-           'lejepa_batch', 'train_lejepa', 'Supervised', 'train_supervised', 'embed', 'ridge_probe', 'probe',
-           'rankdata', 'spearman', 'loss_error_correlation', 'run_sweep', 'probe_figure', 'loss_figure', 'sweep_figure',
-           'main']
+           'LeJEPATask', 'train_lejepa', 'Supervised', 'train_supervised', 'embed', 'ridge_probe', 'probe', 'rankdata',
+           'spearman', 'loss_error_correlation', 'run_sweep', 'probe_figure', 'loss_figure', 'sweep_figure', 'main']
 
 # %% ../../nbs/09_train.lejepa.ipynb #e2e014b7
 PSEUDOSCALARS = ('vorticity',)   # channels that change sign under a reflection (the curl of a 2-D vector field)
@@ -289,7 +288,6 @@ class LeJEPA(nn.Module):
         self.views = PhysicsViews(config.views, self.field_names, config.seed)
         self.sigreg = SIGReg(num_slices=config.num_slices, seed=config.seed)
         self.register_buffer('step', torch.zeros((), dtype=torch.long))
-        self.last: dict[str, torch.Tensor] = {}
 
     def forward(self, fields: torch.Tensor,   # (N, T, X, Y, C) windows, channels last
                 index: torch.Tensor,           # (N,) dataset indices (seed the views)
@@ -302,7 +300,6 @@ class LeJEPA(nn.Module):
         if loc is not None: emb.append(self.encoder(loc.flatten(0, 1).to(fields.device)))  # (V_l·N, D)
         proj = self.projector(torch.cat(emb)).view(c.n_views, N, -1)     # (V·N, D) -> (V, N, K)
         out = lejepa_loss(proj, c.n_global, self.config.lam, self.sigreg)
-        self.last = {k: v.detach() for k, v in out.items()}
         return out
 
 # %% ../../nbs/09_train.lejepa.ipynb #95f47ca7
@@ -326,11 +323,13 @@ class ParamWindows(Dataset):
     def __len__(self) -> int: return len(self.fields)
     def __getitem__(self, i: int) -> dict: return dict(fields=self.fields[i], index=i, params=self.params[i])
 
-def lejepa_batch(batch: dict) -> tuple[dict, torch.Tensor]:
-    "Trainer `batch_fn`: model inputs (fields, index) and the parameters as the (unused) target."
-    return dict(fields=batch['fields'], index=batch['index']), batch['params']
-
-def _lejepa_objective(out: dict, target) -> torch.Tensor: return out['loss']
+class LeJEPATask(Task):
+    "The Trainer's task for LeJEPA: the model draws its views and returns its loss; validation scores the same loss."
+    metric = 'loss'
+    def loss(self, model, batch): return model(batch['fields'], batch['index'])    # {'loss', 'prediction', 'sigreg'}
+    def metrics(self, model, batch): return model(batch['fields'], batch['index']) # batch values: each counts per sample
+    def predict(self, model, batch):
+        raise NotImplementedError("LeJEPA has no prediction to collect; embed the fields with physnb.train.lejepa.embed")
 
 # %% ../../nbs/09_train.lejepa.ipynb #8172f386
 def train_lejepa(train: ParamWindows,                 # training windows
@@ -345,8 +344,9 @@ def train_lejepa(train: ParamWindows,                 # training windows
     parts = []
     def record(trainer, event):
         if event == 'step':
-            parts.append(dict(step=trainer.step, lr=trainer.lr, **{k: v.item() for k, v in trainer.model.last.items()}))
-    trainer = Trainer(model, train, None, tc, loss=_lejepa_objective, batch_fn=lejepa_batch, callbacks=[record])
+            parts.append(dict(step=trainer.step, lr=trainer.lr, loss=trainer.last_loss.item(),
+                              **{k: v.item() for k, v in trainer.last_parts.items()}))
+    trainer = Trainer(model, train, None, tc, LeJEPATask(), callbacks=[record])
     fit = trainer.fit(resume=resume)
     return model, dict(history=fit['history'], parts=parts, steps=fit['steps'], trainer=trainer)
 
@@ -374,7 +374,7 @@ def train_supervised(train: ParamWindows, config: LeJEPAConfig | None = None, tr
     seed_everything(tc.seed)
     model = Supervised(config, train.field_names, train.params.shape[1])
     batch_fn = lambda b: (dict(fields=b['fields'], index=b['index']), ((b['params'] - mean) / std).float())
-    fit = Trainer(model, train, None, tc, loss=F.mse_loss, batch_fn=batch_fn).fit(resume=resume)
+    fit = Trainer(model, train, None, tc, Regression(F.mse_loss, batch_fn=batch_fn)).fit(resume=resume)
     return model, dict(history=fit['history'], steps=fit['steps'])
 
 # %% ../../nbs/09_train.lejepa.ipynb #7372008a

@@ -59,7 +59,7 @@ def make_fno(fit_on: SteadyPairs | torch.Tensor, # training pairs, or their inpu
 
 # %% ../../nbs/06a_train.transfer.ipynb #1236e0ac
 def fit(model: nn.Module,             # the network; trained in place
-        train_set: Dataset,           # (input, target) pairs, or anything `batch_fn` maps to them
+        train_set: Dataset,           # (input, target) pairs, or what the task's batch_fn maps to them
         valid_set: Dataset | None,    # picks the best epoch (None: the lowest training loss)
         epochs: int,                  # passes over train_set
         batch_size: int,              # batch (drop_last: needs len(train_set) >= batch_size)
@@ -67,7 +67,7 @@ def fit(model: nn.Module,             # the network; trained in place
         seed: int = 0,                # seeds every RNG at the start of training, and the data order
         device: str = 'cpu',          # 'cpu' | 'cuda' | 'auto'
         eval_every: int | None = None, # validate every this many epochs (default: about 3 times a run, and the last)
-        **trainer,                    # further `Trainer` arguments (loss, metric, batch_fn, param_groups)
+        **trainer,                    # further `Trainer` arguments (task, param_groups, callbacks)
        ) -> nn.Module:                # the model, holding its best epoch's weights
     "Train with the paper's recipe; return the model at its best validation epoch."
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, progress=False,
@@ -80,8 +80,8 @@ def heldout_error(model: nn.Module,      # the network (may be fully frozen: eva
                   heldout_set: Dataset,  # (input, target) pairs the model never trained on (test or validation)
                   device: str = 'cpu',   # where to evaluate
                   batch_size: int = 64,  # evaluation batch
-                  **trainer,             # further `Trainer` arguments (metric, batch_fn)
-                 ) -> float:             # mean per-sample relative L2 error (or `metric`)
+                  **trainer,             # further `Trainer` arguments (task)
+                 ) -> float:             # mean per-sample relative L2 error (or the task's metric)
     "Mean per-sample error of `model` on a held-out set."
     run = Trainer(model, heldout_set, config=TrainConfig(batch_size=batch_size, device=device, progress=False), **trainer)
     return run.evaluate(heldout_set)
