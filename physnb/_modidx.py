@@ -338,6 +338,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                          'physnb.models.tokeniser.save_tokeniser': ( 'models.tokeniser.html#save_tokeniser',
                                                                                      'physnb/models/tokeniser.py')},
             'physnb.results': { 'physnb.results._check_json': ('results.html#_check_json', 'physnb/results.py'),
+                                'physnb.results.experiment_parameters': ('results.html#experiment_parameters', 'physnb/results.py'),
                                 'physnb.results.read_results': ('results.html#read_results', 'physnb/results.py'),
                                 'physnb.results.run_dir': ('results.html#run_dir', 'physnb/results.py'),
                                 'physnb.results.versions': ('results.html#versions', 'physnb/results.py'),

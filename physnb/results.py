@@ -14,7 +14,7 @@ import torch
 from .core import atomic_write
 
 # %% auto #0
-__all__ = ['SCHEMA', 'RESULT_KEYS', 'versions', 'write_results', 'read_results', 'run_dir']
+__all__ = ['SCHEMA', 'RESULT_KEYS', 'versions', 'write_results', 'read_results', 'run_dir', 'experiment_parameters']
 
 # %% ../nbs/00c_results.ipynb #ad8bf467
 SCHEMA = 'physnb.results/1'
@@ -96,3 +96,22 @@ def run_dir(out_dir: str | Path,           # absolute, or relative to the reposi
     for root in (here, *here.parents):
         if (root / 'nbs').is_dir() and (root / 'pyproject.toml').is_file(): return root / p
     return here / p
+
+# %% ../nbs/00c_results.ipynb #01bd9a18
+def experiment_parameters(namespace: Mapping[str, Any], # the notebook's globals() after the parameters (and papermill's)
+                          before: set[str],             # the names that existed before the parameters cell
+                         ) -> dict[str, Any]:           # the declared parameters and their values
+    "The declared parameters of an experiment notebook; an unknown name (a misspelt `-p`) or a wrong type fails."
+    declared = dict(namespace.get('__annotations__', {}))
+    unknown = sorted(n for n in namespace if n not in before and n not in declared and not n.startswith('_'))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))}: this notebook's parameters are "
+                         f"{', '.join(map(repr, declared))}")
+    out = {}
+    for name, kind in declared.items():
+        value = namespace[name]
+        kinds = {'int': (int,), 'float': (int, float), 'str': (str,), 'bool': (bool,)}.get(getattr(kind, '__name__', kind))
+        if kinds and (not isinstance(value, kinds) or (kinds != (bool,) and isinstance(value, bool))):
+            raise ValueError(f"parameter {name}={value!r} must be of type {getattr(kind, '__name__', kind)}")
+        out[name] = value
+    return out

@@ -58,3 +58,10 @@ def test_at_most_one_parameters_cell(nb):
 def test_library_notebooks_carry_no_papermill_parameters(nb):
     "Library notebooks define and demonstrate with fixed constants; experiments live in module-free notebooks."
     assert not [c for c in cells(nb) if 'parameters' in c['metadata'].get('tags', [])], f'{nb.name}: move the experiment out'
+
+
+@pytest.mark.parametrize('nb', EXPERIMENTS, ids=lambda p: p.name)
+def test_experiments_refuse_unknown_parameters(nb):
+    "papermill injects a misspelt -p as a new variable; every experiment checks its names with experiment_parameters."
+    code = '\n'.join(''.join(c['source']) for c in cells(nb) if c['cell_type'] == 'code')
+    assert 'experiment_parameters(globals(), _before)' in code and '_before = set(globals())' in code, nb.name

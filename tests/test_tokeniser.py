@@ -330,3 +330,17 @@ def test_pretrain_notebook_runs_from_the_repository_root_and_writes_results(tmp_
     rows = [r for r in results['metrics']['rows'] if r['field'] == 'all']
     assert [r['level'] for r in rows] == results['parameters']['levels'] and all(0 < r['vrmse_mean'] < 100 for r in rows)
     assert (out_dir / 'tokeniser.safetensors').exists() and load_tokeniser(out_dir / 'tokeniser.safetensors').config.width == 16
+
+
+def test_pretrain_notebook_refuses_a_misspelt_parameter(tmp_path):
+    "04_pretrain fails in its first checks on a misspelt -p name, before any data is generated."
+    import os
+    from pathlib import Path
+    papermill = pytest.importorskip('papermill')
+    root = Path(__file__).resolve().parents[1]
+    os.environ.setdefault('OMP_NUM_THREADS', '1'); os.environ['PHYSNB_PROGRESS'] = '0'
+    with pytest.raises(papermill.PapermillExecutionError, match=r"unknown parameter\(s\) 'setps'"):
+        papermill.execute_notebook(str(root / 'nbs' / '04_pretrain.ipynb'), str(tmp_path / 'executed.ipynb'), cwd=str(root),
+                                   parameters=dict(setps=4, out_dir=str(tmp_path / 'run')), progress_bar=False,
+                                   kernel_name='python3')
+    assert not (tmp_path / 'run').exists()
