@@ -1,4 +1,4 @@
-"physnb.train.lejepa: views are exact symmetries, loss errors and collapse, probe, Spearman vs scipy, DDP = one process, papermill."
+"physnb.models.lejepa and physnb.train.lejepa: views are exact symmetries, loss errors and collapse, probe, Spearman vs scipy, DDP = one process, papermill."
 import json, math, os, subprocess, sys
 from pathlib import Path
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from physnb.core import load_checkpoint
-from physnb.train.lejepa import (GlobalBatchNorm, LeJEPA, LeJEPAConfig, EncoderConfig, PhysicsViews,
-                                 ViewConfig, apply_d4, component_letters, d4_channel_map, lejepa_loss,
-                                 rankdata, ridge_probe, spearman, loss_error_correlation)
+from physnb.models.lejepa import (GlobalBatchNorm, LeJEPA, LeJEPAConfig, EncoderConfig, PhysicsViews,
+                                  ViewConfig, apply_d4, component_letters, d4_channel_map, lejepa_loss)
+from physnb.train.lejepa import rankdata, ridge_probe, spearman, loss_error_correlation
 from physnb.sim.systems import SYSTEMS
 from physnb.models.sigreg import SIGReg
 from _launch import torchrun
@@ -220,11 +220,14 @@ def test_notebook_runs_under_papermill_and_writes_results(tmp_path):
     papermill = pytest.importorskip('papermill')
     out_dir = tmp_path / 'runs'
     os.environ.setdefault('OMP_NUM_THREADS', '1'); os.environ['PHYSNB_PROGRESS'] = '0'
-    papermill.execute_notebook(str(ROOT / 'nbs' / '09_train.lejepa.ipynb'), str(tmp_path / 'executed.ipynb'), cwd=str(ROOT / 'nbs'),
+    papermill.execute_notebook(str(ROOT / 'nbs' / '09b_lejepa_study.ipynb'), str(tmp_path / 'executed.ipynb'), cwd=str(ROOT / 'nbs'),
                                parameters=dict(res=16, n_traj=12, steps=5, window=3, epochs=2, batch_size=8, width=4, embed_dim=16,
                                                n_local=1, num_slices=32, sweep_size=3, out_dir=str(out_dir)),
                                progress_bar=False, kernel_name='python3')
-    results = json.loads((out_dir / 'results.json').read_text())
+    saved = json.loads((out_dir / 'results.json').read_text())
+    assert saved['schema'] == 'physnb.results/1' and saved['experiment'] == 'lejepa_study' and saved['parameters']['n_traj'] == 12
+    assert {'probe.html', 'loss.html', 'sweep.html'} == set(saved['figures'])
+    results = saved['metrics']
     assert set(results['probe']) == {'LeJEPA', 'random init', 'supervised'}
     assert all(math.isfinite(v) for r in results['probe'].values() for v in r['nmse'].values())
     assert len(results['sweep']) == 3 and results['correlation']['n'] == 3

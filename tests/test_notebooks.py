@@ -8,9 +8,7 @@ NBS = Path(__file__).resolve().parents[1] / 'nbs'
 NOTEBOOKS = sorted(p for p in NBS.glob('*.ipynb') if not p.name.startswith('_'))
 # experiment notebooks define no module (no `#| default_exp`); each must keep its papermill `parameters` tag
 EXPERIMENTS = [p for p in NOTEBOOKS if not ''.join(json.loads(p.read_text())['cells'][0]['source']).startswith('#| default_exp')]
-# notebooks that define a module AND are run with papermill (the issue asks for their parameters)
-PAPERMILL_LIBRARY = ['09_train.lejepa.ipynb']   # its experiment moves to a module-free notebook next
-PARAMETRISED = EXPERIMENTS + [NBS / n for n in PAPERMILL_LIBRARY if (NBS / n).exists()]
+PARAMETRISED = EXPERIMENTS   # every papermill target is a module-free experiment notebook
 
 def cells(p): return json.loads(p.read_text())['cells']
 
