@@ -27,9 +27,9 @@ def _grad(f):
 
 
 def _flow(psi):
-    "(u_x, u_y, ω) of a periodic stream function, channels last."
+    "(u_x, u_y, ω) of a periodic stream function, channels first (3, X, Y)."
     dx, dy = _grad(psi); ux, uy = dy, -dx
-    return torch.stack([ux, uy, _grad(uy)[0] - _grad(ux)[1]], -1)
+    return torch.stack([ux, uy, _grad(uy)[0] - _grad(ux)[1]])
 
 
 def _psi(n=32, seed=0):
@@ -55,7 +55,7 @@ def test_x_flip_negates_x_components_and_the_pseudoscalar_vorticity():
 def test_d4_maps_velocity_and_vorticity_of_psi_to_those_of_the_transformed_psi(flip, turns):
     "u = curl(ψ e_z) and ω = curl u: transforming (u, ω) equals computing them from the transformed ψ (a pseudoscalar)."
     psi = _psi()
-    psi_g = apply_d4(psi[..., None], ['psi'], flip, turns)[..., 0] * (-1 if flip else 1)
+    psi_g = apply_d4(psi[None], ['psi'], flip, turns)[0] * (-1 if flip else 1)
     torch.testing.assert_close(apply_d4(_flow(psi), FLOW, flip, turns), _flow(psi_g), atol=1e-10, rtol=0)
 
 
@@ -66,21 +66,21 @@ def test_d4_and_roll_commute_with_the_gray_scott_solver():
     step = gs.stepper(grid, F, k, gs.dt)
     evolve = lambda s: grid.ifft(step(grid.fft(s), 10))
     for flip, turns in ELEMENTS:
-        act = lambda s: apply_d4(torch.roll(s, (5, -3), dims=(-2, -1)).permute(0, 2, 3, 1), ['A', 'B'], flip, turns).permute(0, 3, 1, 2)
+        act = lambda s: apply_d4(torch.roll(s, (5, -3), dims=(-2, -1)), ['A', 'B'], flip, turns)   # (1, 2, X, Y)
         torch.testing.assert_close(evolve(act(state)), act(evolve(state)), atol=1e-12, rtol=0)
 
 
 def test_quarter_turn_without_the_partner_component_is_an_error():
     with pytest.raises(ValueError, match="partner 'velocity_y'"):
-        apply_d4(torch.zeros(4, 4, 1), ['velocity_x'], quarter_turns=1)
+        apply_d4(torch.zeros(1, 4, 4), ['velocity_x'], quarter_turns=1)
     with pytest.raises(ValueError, match='channels'):
-        apply_d4(torch.zeros(4, 4, 2), ['A'])
+        apply_d4(torch.zeros(2, 4, 4), ['A'])
 
 
 def test_view_shapes_time_offsets_and_frames():
     "Frame t of the window holds the value t everywhere: each view's frames are consecutive and inside the window."
     T, N = 5, 3
-    window = torch.arange(T, dtype=torch.float32).view(1, T, 1, 1, 1).expand(N, T, 16, 16, 2).clone()
+    window = torch.arange(T, dtype=torch.float32).view(1, T, 1, 1, 1).expand(N, T, 2, 16, 16).clone()
     views = PhysicsViews(ViewConfig(n_global=2, n_local=3, local_size=8, frames=2, noise=0.0), ['A', 'B'], seed=3)
     seen = set()
     for step in range(20):
@@ -94,7 +94,7 @@ def test_view_shapes_time_offsets_and_frames():
 
 
 def test_views_are_a_function_of_seed_step_and_index_only():
-    x = torch.randn(4, 3, 16, 16, 3)
+    x = torch.randn(4, 3, 3, 16, 16)
     views = PhysicsViews(ViewConfig(n_global=2, n_local=2, local_size=8, noise=0.1), FLOW, seed=1)
     a, la = views(x, torch.tensor([10, 11, 12, 13]), 7)
     b, lb = views(x[[2, 0]], torch.tensor([12, 10]), 7)
@@ -105,9 +105,9 @@ def test_views_are_a_function_of_seed_step_and_index_only():
 
 def test_bad_view_inputs_are_clear_errors():
     views = PhysicsViews(ViewConfig(local_size=32), ['A', 'B'])
-    with pytest.raises(ValueError, match=r'\(N, T, X, Y, C\)'): views(torch.zeros(2, 16, 16, 2), torch.arange(2))
-    with pytest.raises(ValueError, match='channels'): views(torch.zeros(2, 1, 16, 16, 3), torch.arange(2))
-    with pytest.raises(ValueError, match='must not exceed'): views(torch.zeros(2, 1, 16, 16, 2), torch.arange(2))
+    with pytest.raises(ValueError, match=r'\(N, T, C, X, Y\)'): views(torch.zeros(2, 2, 16, 16), torch.arange(2))
+    with pytest.raises(ValueError, match='channels'): views(torch.zeros(2, 1, 3, 16, 16), torch.arange(2))
+    with pytest.raises(ValueError, match='must not exceed'): views(torch.zeros(2, 1, 2, 16, 16), torch.arange(2))
 
 
 def test_loss_errors_name_the_problem():
@@ -176,7 +176,7 @@ def test_global_batchnorm_is_batchnorm_in_one_process():
 def test_lejepa_model_forward_and_step():
     model = LeJEPA(LeJEPAConfig(encoder=EncoderConfig(width=4, embed_dim=8, stages=2), views=ViewConfig(n_local=2, local_size=8),
                                 proj_hidden=16, proj_dim=4, num_slices=8), ['A', 'B'])
-    out = model(torch.randn(4, 3, 16, 16, 2), torch.arange(4))
+    out = model(torch.randn(4, 3, 2, 16, 16), torch.arange(4))
     assert set(out) == {'loss', 'prediction', 'sigreg'} and torch.isfinite(out['loss'])
     out['loss'].backward()
     assert model.step.item() == 1 and model.encoder.head.weight.grad is not None

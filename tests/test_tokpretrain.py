@@ -11,7 +11,8 @@ from physnb.core import load_checkpoint
 from physnb.data.generate import generate_dataset
 from physnb.sim.systems import SYSTEMS
 from physnb.models.tokeniser import Compression, Tokeniser, TokeniserConfig
-from physnb.train.autoencoding import (AutoencodingTask, FieldWindows, as_levels, fields_and_mask,
+from physnb.data.windows import FieldWindows
+from physnb.train.autoencoding import (AutoencodingTask, as_levels, fields_and_mask,
                                        compare_adjustable, masked_mse, masked_vrmse, pretrain_tokeniser,
                                        reconstruction_report, steps_config)
 from _launch import torchrun
@@ -42,11 +43,12 @@ SCRIPT = textwrap.dedent('''
     import torch
     from physnb.core import save_checkpoint
     from physnb.models.tokeniser import Tokeniser, TokeniserConfig
-    from physnb.train.autoencoding import FieldWindows, pretrain_tokeniser, steps_config
+    from physnb.data.windows import FieldWindows
+    from physnb.train.autoencoding import pretrain_tokeniser, steps_config
     torch.set_num_threads(1)
     out_dir, kill_at, init_seed, sources = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(',')
     rank = int(os.environ.get('RANK', '0'))
-    train = FieldWindows(sources, 'train', frames=8, crop=(32, 32))
+    train = FieldWindows(sources, 'train', window=8, crop=(32, 32))
 
     class Logged(Tokeniser):
         def forward(self, x, fields, compression=(8, 1), channel_mask=None):
@@ -147,7 +149,7 @@ def test_ddp_on_a_mixture_matches_one_process(tmp_path, roots):
 
 def test_absent_channels_get_no_gradient_and_do_not_train(roots):
     "ns2d samples in a gray_scott+ns2d mixture: the A and B rows of the field tables receive exactly zero gradient."
-    mixture = FieldWindows([roots['gray_scott'], roots['ns2d']], 'train', frames=8, crop=(32, 32))
+    mixture = FieldWindows([roots['gray_scott'], roots['ns2d']], 'train', window=8, crop=(32, 32))
     ns2d = [i for i in range(len(mixture)) if mixture[i]['dataset_index'] == 1]
     tok = small(mixture.field_names)
     batch = torch.utils.data.default_collate([mixture[i] for i in ns2d[:4]])
@@ -160,7 +162,7 @@ def test_absent_channels_get_no_gradient_and_do_not_train(roots):
     class NS2DPart(FieldWindows):                                   # the mixture's channels, ns2d samples only
         def __len__(self): return len(ns2d)
         def __getitem__(self, i): return super().__getitem__(ns2d[i])
-    part = NS2DPart([roots['gray_scott'], roots['ns2d']], 'train', frames=8, crop=(32, 32))
+    part = NS2DPart([roots['gray_scott'], roots['ns2d']], 'train', window=8, crop=(32, 32))
     tok = small(mixture.field_names); before = {k: v.clone() for k, v in tok.state_dict().items()}
     pretrain_tokeniser(tok, part, None, LEVELS, steps_config(6, len(part), 4, lr=1e-2))
     after = tok.state_dict()
@@ -169,14 +171,14 @@ def test_absent_channels_get_no_gradient_and_do_not_train(roots):
 
 
 def test_errors_name_what_is_allowed(roots):
-    train = FieldWindows(roots['gray_scott'], 'train', frames=8)
+    train = FieldWindows(roots['gray_scott'], 'train', window=8)
     tok = small(['A', 'B'])
     with pytest.raises(ValueError, match=r"level 32x1 does not fit .*spatial must be one of 4, 8, 16"):
         pretrain_tokeniser(tok, train, levels='8x1,32x1')
     with pytest.raises(ValueError, match=r"level 8x4 does not fit .*T must be divisible"):
-        pretrain_tokeniser(tok, FieldWindows(roots['gray_scott'], 'train', frames=6), levels='8x4')
+        pretrain_tokeniser(tok, FieldWindows(roots['gray_scott'], 'train', window=6), levels='8x4')
     with pytest.raises(ValueError, match=r"fields \['tracer', 'pressure', 'vorticity', 'velocity_x', 'velocity_y'\] that the tokeniser does not know"):
-        pretrain_tokeniser(tok, FieldWindows(roots['ns2d'], 'train', frames=8), levels='8x1')
+        pretrain_tokeniser(tok, FieldWindows(roots['ns2d'], 'train', window=8), levels='8x1')
     with pytest.raises(ValueError, match="is not 'SPATIALxTEMPORAL'"): as_levels('8by1')
     with pytest.raises(ValueError, match='more than once'): as_levels('8x1,8x1')
     with pytest.raises(ValueError, match="budget='half' is not one of 'per_model', 'total'"):
@@ -196,7 +198,7 @@ class Zero(nn.Module):
 
 def test_report_matches_a_hand_computation(roots):
     "Predicting zero: VRMSE = sqrt(mean(u²) / var(u)) per frame, and error/signal power = 1 in every band (up to eps)."
-    windows = FieldWindows(roots['ns2d'], 'valid', frames=4, crop=(32, 32))
+    windows = FieldWindows(roots['ns2d'], 'valid', window=4, crop=(32, 32))
     rows = reconstruction_report(Zero(), windows, '8x2,16x4', batch_size=3)
     u = np.stack([windows[i]['fields'].numpy() for i in range(len(windows))]).astype(np.float64)  # (N, T, C, H, W)
     hand = np.sqrt((u ** 2).mean((3, 4)) / (u.var((3, 4), ddof=1) + 1e-7))                       # (N, T, C)
@@ -219,7 +221,7 @@ def test_report_matches_a_hand_computation(roots):
 
 def test_masked_vrmse_is_the_trainer_metric_of_the_report(roots):
     "The validation metric (masked_vrmse, per sample) averaged over windows equals the report's 'all' mean when every sample has every field."
-    windows = FieldWindows(roots['gray_scott'], 'valid', frames=8)
+    windows = FieldWindows(roots['gray_scott'], 'valid', window=8)
     tok = small(windows.field_names).eval()
     rows = reconstruction_report(tok, windows, '8x1')
     batch = torch.utils.data.default_collate([windows[i] for i in range(len(windows))])
@@ -230,7 +232,7 @@ def test_masked_vrmse_is_the_trainer_metric_of_the_report(roots):
 
 def test_total_budget_splits_the_steps(roots):
     "budget='total': each fixed model gets steps // L, and the FLOP accounting adds up."
-    train = FieldWindows(roots['gray_scott'], 'train', frames=8)
+    train = FieldWindows(roots['gray_scott'], 'train', window=8)
     res = compare_adjustable(lambda: small(train.field_names), train, train, '8x1,16x4', steps=4, budget='total', max_samples=4)
     c = res['compute']
     assert c['fixed_steps'] == {'8x1': 2, '16x4': 2} and [r['fixed_steps'] for r in res['rows']] == [2, 2]
@@ -246,7 +248,7 @@ def test_field_windows_read_the_wells_own_files(tmp_path):
     dummy = pytest.importorskip('the_well.utils.dummy_data')
     d = tmp_path / 'dummy' / 'data' / 'train'; d.mkdir(parents=True)
     dummy.write_dummy_data(str(d / 'data.hdf5'))
-    windows = FieldWindows(d, None, frames=4, normalization=None)
+    windows = FieldWindows(d, None, window=4, normalization=None)
     assert windows.field_names == ['field_x', 'field_y'] and len(windows) == 2 * (10 - 4 + 1)
     sample = windows[0]
     assert sample['fields'].shape == (4, 2, 32, 32) and sample['channel_mask'].all()
@@ -257,7 +259,7 @@ def test_field_windows_read_the_wells_own_files(tmp_path):
 
 def test_flops_budget_buys_each_fixed_model_the_adjustable_models_flops(roots):
     "budget='flops': fixed steps = adjustable FLOPs / FLOPs per step at the level, so each fixed model costs the same (to one step)."
-    train = FieldWindows(roots['gray_scott'], 'train', frames=8)
+    train = FieldWindows(roots['gray_scott'], 'train', window=8)
     res = compare_adjustable(lambda: small(train.field_names), train, train, '8x1,16x4', steps=4, budget='flops', max_samples=2)
     c = res['compute']
     assert c['fixed_steps']['16x4'] > c['fixed_steps']['8x1'] >= 1                 # the cheaper level gets more steps

@@ -54,19 +54,19 @@ def d4_channel_map(field_names: Sequence[str], # channel names, e.g. ['velocity_
         perm, signs = [perm[p[c]] for c in range(len(names))], [s[c] * signs[p[c]] for c in range(len(names))]
     return perm, torch.tensor(signs, dtype=torch.float32)
 
-def apply_d4(fields: torch.Tensor,          # (..., X, Y, C) channels last, first spatial axis is x
+def apply_d4(fields: torch.Tensor,          # (..., C, X, Y) channels first, first spatial axis is x
              field_names: Sequence[str],    # C channel names
              flip: bool = False,            # reflect x -> -x
              quarter_turns: int = 0,        # then turn by 90° this many times
-            ) -> torch.Tensor:              # (..., X', Y', C), the transformed field
-    "Act with an element of the square's symmetry group on a channels-last field, grid and components together."
-    if fields.shape[-1] != len(field_names):
-        raise ValueError(f"fields have {fields.shape[-1]} channels but {len(field_names)} field_names were given")
-    if fields.ndim < 3: raise ValueError(f"fields must be (..., X, Y, C), got shape {tuple(fields.shape)}")
+            ) -> torch.Tensor:              # (..., C, X', Y'), the transformed field
+    "Act with an element of the square's symmetry group on a channels-first field, grid and components together."
+    if fields.ndim < 3: raise ValueError(f"fields must be (..., C, X, Y), got shape {tuple(fields.shape)}")
+    if fields.shape[-3] != len(field_names):
+        raise ValueError(f"fields have {fields.shape[-3]} channels but {len(field_names)} field_names were given")
     perm, signs = d4_channel_map(field_names, flip, quarter_turns)
-    out = fields.flip(-3) if flip else fields                      # x -> -x about the box centre
-    out = torch.rot90(out, quarter_turns % 4, dims=(-3, -2))      # (x, y) -> (-y, x): torch.rot90 turns axis -3 towards -2
-    return out[..., perm] * signs.to(out)
+    out = fields.flip(-2) if flip else fields                      # x -> -x about the box centre
+    out = torch.rot90(out, quarter_turns % 4, dims=(-2, -1))      # (x, y) -> (-y, x): torch.rot90 turns axis -2 towards -1
+    return out[..., perm, :, :] * signs.to(out)[:, None, None]
 
 # %% ../../nbs/09_models.lejepa.ipynb #1912de8b
 @dataclass
@@ -99,30 +99,31 @@ class PhysicsViews:
         self.maps = {(f, k): d4_channel_map(self.field_names, f, k) for f in (False, True) for k in range(4)}
 
     def _view(self, x: torch.Tensor, g: torch.Generator, size: int) -> torch.Tensor:
-        "One view of one window: (T, X, Y, C) -> (frames·C, size, size)."
+        "One view of one window: (T, C, X, Y) -> (frames·C, size, size)."
         c = self.config
-        T, X, Y, C = x.shape
+        T, C, X, Y = x.shape
         t0 = int(torch.randint(T - c.frames + 1, (), generator=g)) if c.time_offsets else 0
-        v = x[t0:t0 + c.frames]                                                     # (f, X, Y, C)
+        v = x[t0:t0 + c.frames]                                                     # (f, C, X, Y)
         if c.shifts:
             sx, sy = (int(s) for s in torch.randint(1 << 20, (2,), generator=g))
-            v = torch.roll(v, (-(sx % X), -(sy % Y)), dims=(1, 2))
-        v = v[:, :size, :size]                                                      # periodic crop (f, s, s, C)
+            v = torch.roll(v, (-(sx % X), -(sy % Y)), dims=(2, 3))
+        v = v[..., :size, :size]                                                    # periodic crop (f, C, s, s)
         if c.d4:
             flip, turns = bool(torch.randint(2, (), generator=g)), int(torch.randint(4, (), generator=g))
             perm, signs = self.maps[(flip, turns)]
-            v = torch.rot90(v.flip(1) if flip else v, turns, dims=(1, 2))[..., perm] * signs.to(v)
-        if c.noise: v = v + c.noise * torch.randn(v.shape, generator=g).to(v)
-        return v.permute(0, 3, 1, 2).reshape(c.frames * C, size, size)               # channels first for the CNN
+            v = torch.rot90(v.flip(2) if flip else v, turns, dims=(2, 3))[:, perm] * signs.to(v)[:, None, None]
+        if c.noise:   # drawn in (f, s, s, C) order, as since the first release: the same seed gives the same noise
+            v = v + c.noise * torch.randn((c.frames, size, size, C), generator=g).permute(0, 3, 1, 2).to(v)
+        return v.reshape(c.frames * C, size, size)                                  # frames stacked as channels
 
-    def __call__(self, fields: torch.Tensor,  # (N, T, X, Y, C) windows, channels last
+    def __call__(self, fields: torch.Tensor,  # (N, T, C, X, Y) windows (physnb.data.windows layout)
                  index: torch.Tensor,          # (N,) sample indices in the dataset (seed the draws)
                  step: int = 0,                # training step (a new draw every step)
                 ) -> tuple[torch.Tensor, torch.Tensor | None]: # (V_g, N, f·C, S_g, S_g), (V_l, N, f·C, S_l, S_l) or None
         "Global and local views of every sample."
         c = self.config
-        if fields.ndim != 5: raise ValueError(f"fields must be (N, T, X, Y, C), got shape {tuple(fields.shape)}")
-        N, T, X, Y, C = fields.shape
+        if fields.ndim != 5: raise ValueError(f"fields must be (N, T, C, X, Y), got shape {tuple(fields.shape)}")
+        N, T, C, X, Y = fields.shape
         if C != len(self.field_names): raise ValueError(f"fields have {C} channels, field_names has {len(self.field_names)}: {self.field_names}")
         if T < c.frames: raise ValueError(f"a window of {T} frames is shorter than frames={c.frames}")
         gs, ls = c.global_size or min(X, Y), c.local_size
@@ -280,7 +281,7 @@ class LeJEPA(nn.Module):
         self.sigreg = SIGReg(num_slices=config.num_slices, seed=config.seed)
         self.register_buffer('step', torch.zeros((), dtype=torch.long))
 
-    def forward(self, fields: torch.Tensor,   # (N, T, X, Y, C) windows, channels last
+    def forward(self, fields: torch.Tensor,   # (N, T, C, X, Y) windows (`physnb.data.windows.FieldWindows`)
                 index: torch.Tensor,           # (N,) dataset indices (seed the views)
                ) -> dict[str, torch.Tensor]:
         c = self.config.views

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 from torch.utils.flop_counter import FlopCounterMode
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -20,7 +20,7 @@ from plotly.subplots import make_subplots
 from ..core import atomic_write, get_device, seed_everything
 from ..results import run_dir, write_results
 from ..sim.systems import SYSTEMS, TIME_DEPENDENT
-from ..data.datasets import WellDataset, WellMixture
+from ..data.windows import FieldWindows
 from ..data.generate import generate_dataset
 from ..metrics import binned_spectral_error, vrmse
 from .trainer import Task, TrainConfig, Trainer
@@ -28,79 +28,10 @@ from ..models.tokeniser import Compression, Tokeniser, TokeniserConfig, parse_le
 
 
 # %% auto #0
-__all__ = ['RECONSTRUCTION_LOSSES', 'DRAWS', 'BUDGETS', 'FieldWindows', 'fields_and_mask', 'masked_mse', 'masked_vrmse',
-           'as_levels', 'level_name', 'AutoencodingTask', 'check_pretraining', 'steps_config', 'StepLossLog',
-           'pretrain_tokeniser', 'band_names', 'reconstruction_report', 'report_figure', 'reconstruction_figure',
-           'step_flops', 'compare_adjustable', 'comparison_figure', 'parse_systems', 'run_pretraining']
-
-# %% ../../nbs/03a_train.autoencoding.ipynb #43652bbc
-def _crop_origin(shape: tuple[int, int], crop: tuple[int, int], seed: int, index: int) -> tuple[int, int]:
-    "Top-left corner of the crop of sample `index`: uniform, a pure function of `(seed, index)`."
-    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
-    return tuple(int(torch.randint(n - c + 1, (), generator=g)) for n, c in zip(shape, crop))
-
-class FieldWindows(Dataset):
-    "Normalised windows of `frames` frames, channels first `(T, C, H, W)`, from one or several Well datasets."
-    def __init__(self, sources: str | Path | WellDataset | Sequence, # dataset root(s) ROOT/NAME, split folders, files, or WellDatasets
-                 split: str | None = 'train',      # split of a dataset root ('train' | 'valid' | 'test'); None for files/folders
-                 frames: int = 8,                  # frames per window, T
-                 normalization: str | None = 'zscore', # None | 'zscore' | 'rms' (from stats.yaml)
-                 dt_stride: int = 1,               # frames between consecutive window frames
-                 n_trajectories: int | float | None = None, # keep this many (or this fraction of) trajectories per dataset
-                 crop: tuple[int, int] | None = None, # (H, W) window cut from each sample; needed when grids differ
-                 seed: int = 0,                    # seed of the trajectory subset and of the crops
-                ):
-        items = [sources] if isinstance(sources, (str, Path, WellDataset)) else list(sources)
-        if not items: raise ValueError("FieldWindows needs at least one dataset")
-        self.datasets = [s if isinstance(s, WellDataset) else
-                         WellDataset(s, split=split, n_steps_input=frames, n_steps_output=0, dt_stride=dt_stride,
-                                     normalization=normalization, n_trajectories=n_trajectories, seed=seed, return_grid=False)
-                         for s in items]
-        self.mixture = WellMixture(self.datasets)
-        self.frames, self.seed = self.datasets[0].n_in, seed
-        shapes = {tuple(d.meta.spatial_shape) for d in self.datasets}
-        if any(len(s) != 2 for s in shapes):
-            raise ValueError(f"FieldWindows needs 2D data; got spatial shapes {sorted(shapes)}")
-        if crop is None and len(shapes) > 1:
-            raise ValueError(f"the datasets have different grids {sorted(shapes)}; pass crop=(H, W) no larger than "
-                             f"{tuple(min(s[i] for s in shapes) for i in range(2))} to cut a common window")
-        if crop is not None:
-            crop = tuple(int(c) for c in crop)
-            too_big = [s for s in shapes if len(crop) != 2 or any(c < 1 or c > n for c, n in zip(crop, s))]
-            if too_big: raise ValueError(f"crop={crop} must be two sizes >= 1 that fit every grid; these do not: {too_big}")
-        self.crop = crop
-        self.spatial_shape = crop or next(iter(shapes))
-
-    @property
-    def field_names(self) -> list[str]: return self.mixture.field_names
-    @property
-    def dataset_names(self) -> list[str]: return [d.meta.dataset_name for d in self.datasets]
-    @property
-    def sample_shape(self) -> tuple[int, int, int, int]: return (self.frames, len(self.field_names), *self.spatial_shape)
-    def __len__(self) -> int: return len(self.mixture)
-    def __repr__(self):
-        return (f"FieldWindows({'+'.join(self.dataset_names)}, samples={len(self)}, (T, C, H, W)={self.sample_shape}, "
-                f"fields={self.field_names})")
-
-    def __getitem__(self, index: int) -> dict:
-        s = self.mixture[index]
-        fields = s['input_fields'].permute(0, 3, 1, 2)                 # (T, H, W, C) -> (T, C, H, W)
-        if self.crop is not None:
-            i, j = _crop_origin(fields.shape[-2:], self.crop, self.seed, index)
-            fields = fields[..., i:i + self.crop[0], j:j + self.crop[1]]
-        return dict(fields=fields.contiguous(), channel_mask=s['channel_mask'], dataset_index=s['dataset_index'])
-
-    def stack(self, n: int | None = None, # how many windows, evenly spaced over the set (all datasets); None = all
-             ) -> torch.Tensor:          # (N, T, C, H, W)
-        "Windows as one tensor, e.g. for `physnb.viz.widgets.compression_explorer(tokeniser, windows.stack(16), windows.field_names)`."
-        idx = range(len(self)) if n is None or n >= len(self) else torch.linspace(0, len(self) - 1, n).round().long().tolist()
-        return torch.stack([self[i]['fields'] for i in idx])
-
-    def denormalize(self, fields: torch.Tensor,  # (..., C, H, W) normalised, on `field_names`
-                    dataset_index: int,          # which dataset the sample came from
-                   ) -> torch.Tensor:
-        "Back to physical units (channels the dataset lacks are left as they are)."
-        return self.mixture.denormalize(fields.movedim(-3, -1), dataset_index).movedim(-1, -3)
+__all__ = ['RECONSTRUCTION_LOSSES', 'DRAWS', 'BUDGETS', 'fields_and_mask', 'masked_mse', 'masked_vrmse', 'as_levels',
+           'level_name', 'AutoencodingTask', 'check_pretraining', 'steps_config', 'StepLossLog', 'pretrain_tokeniser',
+           'band_names', 'reconstruction_report', 'report_figure', 'reconstruction_figure', 'step_flops',
+           'compare_adjustable', 'comparison_figure', 'parse_systems', 'run_pretraining']
 
 # %% ../../nbs/03a_train.autoencoding.ipynb #8269b7b3
 def fields_and_mask(batch: dict, # a collated `FieldWindows` batch
@@ -493,7 +424,7 @@ def run_pretraining(datasets: str = 'gray_scott,ns2d',   # comma-separated syste
                     seed: int = 0,             # data, weights, batch order and level sequence
                     device: str = 'cpu',
                     res: int = 32,             # grid points per axis of the generated data (and the crop)
-                    frames: int = 8,           # frames per window
+                    window: int = 8,           # frames per window
                     out_dir: str | Path = 'runs/tokeniser_pretrain', # everything goes here (relative: from the repository root)
                     n_traj: int = 6,           # trajectories per system (train/valid/test 80/10/10, at least one each)
                     batch_size: int = 8,
@@ -506,9 +437,9 @@ def run_pretraining(datasets: str = 'gray_scott,ns2d',   # comma-separated syste
     names, levels = parse_systems(datasets), as_levels(compression_levels)
     out = run_dir(out_dir); out.mkdir(parents=True, exist_ok=True)
     known = _systems()
-    roots = [generate_dataset(known[n], Path(data_root) if data_root is not None else out / 'data', n_traj=n_traj, res=res, steps=frames + 4, seed=seed,
+    roots = [generate_dataset(known[n], Path(data_root) if data_root is not None else out / 'data', n_traj=n_traj, res=res, steps=window + 4, seed=seed,
                               show_progress=show_progress)['root'] for n in names]
-    windows = lambda split: FieldWindows(roots, split, frames=frames, seed=seed, crop=(res, res))
+    windows = lambda split: FieldWindows(roots, split, window=window, seed=seed, crop=(res, res))
     train, valid = windows('train'), windows('valid')
     seed_everything(seed)
     config = TokeniserConfig(fields=train.field_names, width=width, latent=latent)
@@ -516,7 +447,7 @@ def run_pretraining(datasets: str = 'gray_scott,ns2d',   # comma-separated syste
     tc = steps_config(steps, len(train), min(batch_size, len(train)), lr=lr, seed=seed, device=device,
                       out_dir=str(out / 'checkpoints'), progress=show_progress)
     _check_run_key(out, dict(tokeniser=asdict(config), decoder_gains=[stage.gain for stage in tokeniser.decoder],
-                             datasets=names, levels=[level_name(l) for l in levels], res=res, frames=frames, n_traj=n_traj,
+                             datasets=names, levels=[level_name(l) for l in levels], res=res, window=window, n_traj=n_traj,
                              seed=seed, batch_size=batch_size, lr=lr, loss=loss))
     run = pretrain_tokeniser(tokeniser, train, valid, levels, tc, loss=loss)
     rows = reconstruction_report(tokeniser, valid, levels, batch_size, device=device)
@@ -525,7 +456,7 @@ def run_pretraining(datasets: str = 'gray_scott,ns2d',   # comma-separated syste
                  checkpoints=out / 'checkpoints')
     save_tokeniser(paths['tokeniser'], tokeniser)                      # physnb.models.tokeniser.load_tokeniser reads it back
     parameters = dict(datasets=names, levels=[level_name(l) for l in levels], width=width, latent=latent, steps=steps,
-                      res=res, frames=frames, n_traj=n_traj, batch_size=batch_size, lr=lr, loss=loss)
+                      res=res, window=window, n_traj=n_traj, batch_size=batch_size, lr=lr, loss=loss)
     metrics = dict(steps=run['steps'], fields=train.field_names, n_train=len(train), n_valid=len(valid), rows=rows,
                    history=run['history'], data_roots=[str(r) for r in roots])
     write_results(out, 'tokeniser_pretrain', parameters, metrics, seed, figures=dict(report=fig), device=get_device(device),

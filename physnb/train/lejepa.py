@@ -12,39 +12,17 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from ..core import atomic_write, seed_everything, set_threads
-from ..data.datasets import WellDataset
+from ..data.windows import FieldWindows
 from ..models.lejepa import Encoder, EncoderConfig, LeJEPA, LeJEPAConfig, PhysicsViews, ViewConfig
 from .trainer import Regression, Task, TrainConfig, Trainer
 
 # %% auto #0
-__all__ = ['ParamWindows', 'LeJEPATask', 'train_lejepa', 'Supervised', 'train_supervised', 'embed', 'ridge_probe', 'probe',
-           'rankdata', 'spearman', 'loss_error_correlation', 'run_sweep', 'probe_figure', 'loss_figure', 'sweep_figure',
-           'main']
+__all__ = ['LeJEPATask', 'train_lejepa', 'Supervised', 'train_supervised', 'embed', 'ridge_probe', 'probe', 'rankdata',
+           'spearman', 'loss_error_correlation', 'run_sweep', 'probe_figure', 'loss_figure', 'sweep_figure', 'main']
 
 # %% ../../nbs/09a_train.lejepa.ipynb #95f47ca7
-class ParamWindows(Dataset):
-    "In-memory windows of a Well split with their PDE parameters (probe targets): dict(fields (T, X, Y, C), index, params (S,))."
-    def __init__(self, path: str | Path,              # dataset root (ROOT/NAME), split folder or file
-                 split: str | None = 'train',          # 'train' | 'valid' | 'test' (None for a file or split folder)
-                 window: int = 4,                      # frames per sample
-                 normalization: str | None = 'zscore', # None | 'zscore' | 'rms' (the train split's stats.yaml)
-                ):
-        ds = WellDataset(path, split=split, n_steps_input=window, n_steps_output=0, normalization=normalization, return_grid=False)
-        if not ds.constant_scalar_names:
-            raise ValueError(f"{path} ({split}) has no constant scalars: there are no PDE parameters to probe")
-        samples = [ds[i] for i in range(len(ds))]
-        self.fields = torch.stack([s['input_fields'] for s in samples]).float()        # (M, T, X, Y, C)
-        self.params = torch.stack([s['constant_scalars'] for s in samples]).double()   # (M, S)
-        self.group = torch.tensor([1_000_000 * f + b for f, b, _ in map(ds.locate, range(len(ds)))]) # (M,) trajectory id
-        self.field_names, self.param_names = list(ds.field_names), list(ds.constant_scalar_names)
-        ds.close()
-
-    def __len__(self) -> int: return len(self.fields)
-    def __getitem__(self, i: int) -> dict: return dict(fields=self.fields[i], index=i, params=self.params[i])
-
 class LeJEPATask(Task):
     "The Trainer's task for LeJEPA: the model draws its views and returns its loss; validation scores the same loss."
     metric = 'loss'
@@ -54,7 +32,7 @@ class LeJEPATask(Task):
         raise NotImplementedError("LeJEPA has no prediction to collect; embed the fields with physnb.train.lejepa.embed")
 
 # %% ../../nbs/09a_train.lejepa.ipynb #8172f386
-def train_lejepa(train: ParamWindows,                 # training windows
+def train_lejepa(train: FieldWindows,                 # training windows
                  config: LeJEPAConfig | None = None,   # the model
                  train_config: TrainConfig | None = None, # epochs, batch, lr, out_dir, device ... (the shared Trainer's)
                  resume: bool = True,                  # continue from out_dir/last.safetensors (parts then cover only the new steps)
@@ -88,13 +66,20 @@ class Supervised(nn.Module):
         if self.training: self.step += 1
         return self.head(self.encoder(glob[0].to(fields.device)))        # (N, S)
 
-def train_supervised(train: ParamWindows, config: LeJEPAConfig | None = None, train_config: TrainConfig | None = None,
+def _params(windows: FieldWindows) -> torch.Tensor:
+    "The windows' PDE parameters (N, P), refusing data that has none."
+    if not windows.param_names:
+        raise ValueError(f"{windows.dataset_names} have no constant scalars: there are no PDE parameters to probe or regress")
+    return windows.tensors()['params']
+
+def train_supervised(train: FieldWindows, config: LeJEPAConfig | None = None, train_config: TrainConfig | None = None,
                      resume: bool = True) -> tuple[Supervised, dict]:
     "Train the supervised baseline (MSE on z-scored parameters) with the same Trainer and budget."
     config, tc = config or LeJEPAConfig(), train_config or TrainConfig()
-    mean, std = train.params.mean(0), train.params.std(0).clamp(min=1e-12)
+    params = _params(train)
+    mean, std = params.mean(0), params.std(0).clamp(min=1e-12)
     seed_everything(tc.seed)
-    model = Supervised(config, train.field_names, train.params.shape[1])
+    model = Supervised(config, train.field_names, params.shape[1])
     batch_fn = lambda b: (dict(fields=b['fields'], index=b['index']), ((b['params'] - mean) / std).float())
     fit = Trainer(model, train, None, tc, Regression(F.mse_loss, batch_fn=batch_fn)).fit(resume=resume)
     return model, dict(history=fit['history'], steps=fit['steps'])
@@ -102,20 +87,20 @@ def train_supervised(train: ParamWindows, config: LeJEPAConfig | None = None, tr
 # %% ../../nbs/09a_train.lejepa.ipynb #7372008a
 @torch.no_grad()
 def embed(encoder: Encoder,            # frozen backbone
-          fields: torch.Tensor,         # (M, T, X, Y, C) windows, channels last
+          fields: torch.Tensor,         # (M, T, C, X, Y) windows (`FieldWindows.tensors()['fields']`)
           frames: int = 1,              # frames per encoder input (as in training)
           batch_size: int = 64,
          ) -> torch.Tensor:             # (M, D) mean embedding over the window's sub-windows
     "Backbone embeddings of whole windows (eval mode, no augmentation), averaged over time."
-    if fields.ndim != 5: raise ValueError(f"fields must be (M, T, X, Y, C), got shape {tuple(fields.shape)}")
+    if fields.ndim != 5: raise ValueError(f"fields must be (M, T, C, X, Y), got shape {tuple(fields.shape)}")
     was = encoder.training; encoder.eval()
     dev = next(encoder.parameters()).device
-    M, T, X, Y, C = fields.shape
+    M, T, C, X, Y = fields.shape
     out = []
     for i in range(0, M, batch_size):
         w = fields[i:i + batch_size]
-        subs = torch.stack([w[:, t:t + frames] for t in range(T - frames + 1)], 1)      # (m, T', f, X, Y, C)
-        x = subs.permute(0, 1, 2, 5, 3, 4).reshape(-1, frames * C, X, Y)               # (m·T', f·C, X, Y)
+        subs = torch.stack([w[:, t:t + frames] for t in range(T - frames + 1)], 1)      # (m, T', f, C, X, Y)
+        x = subs.reshape(-1, frames * C, X, Y)                                          # (m·T', f·C, X, Y)
         out.append(encoder(x.to(dev)).view(len(w), -1, encoder.config.embed_dim).mean(1).cpu())
     encoder.train(was)
     emb = torch.cat(out).double()
@@ -177,12 +162,13 @@ def ridge_probe(train_x: torch.Tensor,  # (M, D) training embeddings
                 rel_error=dict(zip(names, rel.tolist())), error=float(nmse.mean()), pred=pred)
 
 def probe(encoder: Encoder,           # frozen backbone
-          train: ParamWindows,         # fit the probe here
-          test: ParamWindows,          # score it here
+          train: FieldWindows,         # fit the probe here
+          test: FieldWindows,          # score it here
           frames: int = 1) -> dict:
     "Ridge probe of the PDE parameters from frozen backbone embeddings."
-    return ridge_probe(embed(encoder, train.fields, frames), train.params, embed(encoder, test.fields, frames), test.params,
-                       train.param_names, groups=train.group)
+    fit, held = train.tensors(), test.tensors()
+    return ridge_probe(embed(encoder, fit['fields'], frames), _params(train), embed(encoder, held['fields'], frames), _params(test),
+                       train.param_names, groups=fit['trajectory'])
 
 # %% ../../nbs/09a_train.lejepa.ipynb #fc21cef3
 def rankdata(x: torch.Tensor) -> torch.Tensor:
@@ -215,7 +201,7 @@ def loss_error_correlation(records: Sequence[dict], # sweep records with 'final_
     return dict(alpha=alpha, rho_plain=spearman(loss, err), rho_scaled=spearman(loss / lam**alpha, err), n=len(records))
 
 # %% ../../nbs/09a_train.lejepa.ipynb #25373b48
-def run_sweep(train: ParamWindows, test: ParamWindows,  # pretraining windows (also the probe's fit set), held-out windows
+def run_sweep(train: FieldWindows, test: FieldWindows,  # pretraining windows (also the probe's fit set), held-out windows
               config: LeJEPAConfig,                      # base model (λ is overridden per run)
               train_config: TrainConfig,                 # base training (lr, epochs overridden per run; out_dir ignored)
               grid: Sequence[dict],                      # runs, e.g. [dict(lam=0.02, lr=1e-3, epochs=4), ...]
@@ -288,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     "Train LeJEPA (DDP under torchrun) and probe it; rank 0 writes OUT_DIR/results.json."
     a = _parser().parse_args(argv)
     set_threads()
-    train = ParamWindows(a.data, 'train', a.window)
+    train = FieldWindows(a.data, 'train', a.window, in_memory=True)
     config = LeJEPAConfig(encoder=EncoderConfig(width=a.width, embed_dim=a.embed_dim),
                           views=ViewConfig(n_global=a.n_global, n_local=a.n_local, local_size=a.local_size),
                           proj_hidden=a.proj_hidden, proj_dim=a.proj_dim, lam=a.lam, num_slices=a.num_slices, seed=a.seed)
@@ -300,8 +286,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    world_size=rec['trainer'].world_size, seconds=time.perf_counter() - tic)
     if rec['trainer'].rank == 0:
         if not a.no_probe:
-            held = [ParamWindows(a.data, s, a.window) for s in ('valid', 'test')]
-            test = held[0]; test.fields = torch.cat([h.fields for h in held]); test.params = torch.cat([h.params for h in held])
+            test = FieldWindows(a.data, ('valid', 'test'), a.window, in_memory=True)
             pr = probe(model.encoder, train, test, config.views.frames); pr.pop('pred')
             results['probe'] = pr
         with atomic_write(Path(a.out_dir) / 'results.json') as f: json.dump(results, f, indent=1)

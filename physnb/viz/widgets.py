@@ -25,12 +25,13 @@ __all__ = ['frames_of', 'Windows', 'as_z', 'heatmap_row', 'update_panels', 'symm
            'CompressionExplorer', 'compression_explorer', 'RolloutScrubber', 'rollout_scrubber']
 
 # %% ../../nbs/03b_viz.widgets.ipynb #e92920ef
-def frames_of(sample, # a (T, C, H, W) tensor/array, or a Well sample dict with channels-last 'input_fields' (T, H, W, C)
+def frames_of(sample, # a (T, C, H, W) tensor/array, a `physnb.data.windows` sample ('fields'), or a WellDataset sample ('input_fields')
              ) -> torch.Tensor: # (T, C, H, W) float32 on the CPU
     "One window of 2D fields as a `(T, C, H, W)` float32 CPU tensor."
+    if isinstance(sample, dict) and 'fields' in sample: sample = sample['fields']              # the kit's layout
     if isinstance(sample, dict):
         if 'input_fields' not in sample:
-            raise ValueError(f"a sample dict needs 'input_fields' (T, H, W, C); it has keys {sorted(sample)}")
+            raise ValueError(f"a sample dict needs 'fields' (T, C, H, W) or 'input_fields' (T, H, W, C); it has keys {sorted(sample)}")
         x = torch.as_tensor(sample['input_fields'])
         if x.ndim != 4:
             raise ValueError(f"'input_fields' must be (T, H, W, C) for 2D data; got shape {tuple(x.shape)}")
