@@ -123,7 +123,7 @@ def main(argv=None):
     reps = args.reps or (3 if args.quick else (20 if cuda else 5))
     fields = ['A', 'B']
     torch.manual_seed(0)
-    tok = Tokeniser(TokeniserConfig(fields=fields + ['vorticity', 'velocity_x', 'velocity_y'], width=width, latent=latent)).to(device)
+    tok = Tokeniser(TokeniserConfig(field_names=fields + ['vorticity', 'velocity_x', 'velocity_y'], width=width, latent=latent)).to(device)
     x = torch.randn(B, T, C, N, N, device=device)
     load_before = os.getloadavg()
     print(f'device={device}, threads={torch.get_num_threads()}, B={B}, T={T}, C={C}, {N}x{N}, width={width}, latent={latent}, '

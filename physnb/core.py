@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #bca2b866
 from __future__ import annotations
-import contextlib, dataclasses, json, os, random, tempfile
+import contextlib, dataclasses, hashlib, json, os, random, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +16,8 @@ from fastcore.basics import patch
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['BC_TYPES', 'get_device', 'set_threads', 'seed_everything', 'atomic_path', 'atomic_write', 'save_checkpoint',
-           'load_checkpoint', 'progress', 'Trajectories']
+__all__ = ['BC_TYPES', 'get_device', 'set_threads', 'seed_everything', 'derive_seed', 'atomic_path', 'atomic_write',
+           'save_checkpoint', 'load_checkpoint', 'progress', 'Trajectories']
 
 # %% ../nbs/00_core.ipynb #762536d5
 def get_device(device: str | torch.device = 'auto', # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
@@ -53,6 +53,14 @@ def seed_everything(seed: int, # one seed for python, numpy, torch and cuda
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
     if torch.cuda.is_available(): torch.cuda.manual_seed_all(seed)
     return torch.Generator().manual_seed(seed)
+
+# %% ../nbs/00_core.ipynb #cc45bc82
+def derive_seed(seed: int, # the master seed
+                *keys,     # what the draw is for, e.g. ('crop', index) or ('train', file_number)
+               ) -> int:   # a 31-bit seed
+    "A seed from `seed` and keys, stable across runs, processes and platforms (SHA-256 of their text)."
+    h = hashlib.sha256('/'.join(map(str, (seed, *keys))).encode()).digest()
+    return int.from_bytes(h[:4], 'little') & 0x7FFFFFFF
 
 # %% ../nbs/00_core.ipynb #9e23f816
 @contextlib.contextmanager

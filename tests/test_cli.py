@@ -72,7 +72,7 @@ def test_params_are_fixed_and_checked(tmp_path):
 def test_bad_input_gets_a_clear_error(tmp_path):
     r = physnb('generate', 'burgers', '--out', tmp_path, check=False)
     assert r.returncode == 2 and "'gray_scott'" in r.stderr
-    r = physnb('generate', 'ns2d', '--out', tmp_path, '--split', 'sometimes', check=False)
+    r = physnb('generate', 'ns2d', '--out', tmp_path, '--param-split', 'sometimes', check=False)
     assert r.returncode == 2 and 'sometimes' in r.stderr and "'id'" in r.stderr
     r = physnb('info', tmp_path / 'nothing_here', check=False)
     assert r.returncode == 2 and 'nothing_here' in r.stderr
@@ -84,3 +84,27 @@ def test_systems_lists_parameters_and_splits():
     out = physnb('systems').stdout
     for name in ('gray_scott', 'ns2d', 'shallow_water', 'acoustics', 'poisson', 'helmholtz'): assert name in out
     assert 'Reynolds' in out
+
+def test_every_driver_is_a_subcommand_and_keeps_the_library_defaults():
+    "Options are read from the functions' signatures: the help shows the code's defaults, so they cannot drift."
+    import inspect
+    from physnb.cli import COMMANDS
+    from physnb.train.lejepa import run_lejepa
+    from physnb.train.trainer import TrainConfig
+    from physnb.models.lejepa import LeJEPAConfig
+    out = physnb('--help').stdout
+    assert all(name in out for name in ('generate', 'info', 'systems', 'main', 'pretrain', 'lejepa')) and set(COMMANDS) >= {'pretrain', 'lejepa'}
+    text = ' '.join(physnb('lejepa', '--help').stdout.split())
+    assert f'--lr LR AdamW learning rate (cosine) (default: {TrainConfig.lr})' in text
+    assert f'(default: {LeJEPAConfig.proj_hidden})' in text and inspect.signature(run_lejepa).parameters['epochs'].default == TrainConfig.epochs
+    r = physnb('lejepa', '--out-dir', 'x', check=False)                   # a required option is named
+    assert r.returncode == 2 and '--data' in r.stderr
+
+
+def test_pretrain_runs_from_the_command_line(tmp_path):
+    r = physnb('pretrain', '--datasets', 'gray_scott', '--steps', 2, '--width', 8, '--latent', 4, '--n-traj', 3, '--res', 16,
+               '--window', 4, '--compression-levels', '4x1,8x2', '--device', 'cpu', '--out-dir', tmp_path / 'run')
+    printed = json.loads(r.stdout)
+    assert printed['paths']['results'] == str(tmp_path / 'run' / 'results.json')
+    saved = json.loads((tmp_path / 'run' / 'results.json').read_text())
+    assert saved['schema'] == 'physnb.results/1' and saved['metrics']['steps'] == 2 and saved['parameters']['levels'] == ['4x1', '8x2']

@@ -10,9 +10,10 @@ import yaml
 import physnb.data.well as well
 from physnb.core import Trajectories
 from physnb.data.well import BC_CODES, WellFormatError, check_well_file, read_well, write_well
-from physnb.data.stats import Normalizer, compute_stats, load_stats, write_stats
+from physnb.data.stats import Normaliser, compute_stats, load_stats, write_stats
 from physnb.data.datasets import WellDataset, WellMixture
-from physnb.data.generate import derive_seed, generate_dataset, system_settings, split_counts, write_dataset
+from physnb.core import derive_seed
+from physnb.data.generate import generate_dataset, system_settings, split_counts, write_dataset
 from physnb.data.info import info, info_text
 
 torch.set_num_threads(1)
@@ -210,36 +211,36 @@ def test_normalisation_round_trip_and_moments(tmp_path, kind):
     p = write_well(wave(tensor=True, constant=True), tmp_path / 'w.hdf5')
     write_stats(compute_stats([p]), tmp_path / 'stats.yaml')
     raw = WellDataset(p, n_steps_output=0)
-    ds = WellDataset(p, n_steps_output=0, normalization=kind)
+    ds = WellDataset(p, n_steps_output=0, normalisation=kind)
     assert ds.stats_path == tmp_path / 'stats.yaml'
     x = torch.stack([ds[i]['input_fields'][0] for i in range(len(ds))])
     m = x.pow(2).mean((0, 1, 2)).sqrt() if kind == 'rms' else x.std((0, 1, 2), unbiased=False)
     big = torch.tensor([s > 1e-3 for s in torch.stack([raw[i]['input_fields'][0] for i in range(len(raw))]).std((0, 1, 2))])
     torch.testing.assert_close(m[big], torch.ones(int(big.sum())), atol=1e-4, rtol=0)
     for i in (0, 7):
-        torch.testing.assert_close(ds.denormalize(ds[i]['input_fields']), raw[i]['input_fields'], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(ds.denormalize(ds[i]['constant_fields'], 'constant'), raw[i]['constant_fields'], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ds.denormalise(ds[i]['input_fields']), raw[i]['input_fields'], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ds.denormalise(ds[i]['constant_fields'], 'constant'), raw[i]['constant_fields'], atol=1e-5, rtol=1e-5)
 
 
 def test_missing_stats_is_an_error_never_a_silent_skip(tmp_path):
     p = write_well(wave(), tmp_path / 'd' / 'data' / 'train' / 'w.hdf5')
-    with pytest.raises(FileNotFoundError, match=r"normalization='zscore' needs a stats.yaml; looked at .*d/stats.yaml"):
-        WellDataset(tmp_path / 'd', split='train', normalization='zscore')
+    with pytest.raises(FileNotFoundError, match=r"normalisation='zscore' needs a stats.yaml; looked at .*d/stats.yaml"):
+        WellDataset(tmp_path / 'd', split='train', normalisation='zscore')
     st = compute_stats([p])
     write_stats({k: v for k, v in st.items() if k != 'rms_delta'}, tmp_path / 'd' / 'stats.yaml')
-    with pytest.raises(WellFormatError, match=r"stats.yaml: keys \['rms_delta'\] missing; normalization='rms' needs"):
-        WellDataset(tmp_path / 'd', split='train', normalization='rms')
-    WellDataset(tmp_path / 'd', split='train', normalization='zscore')  # z-score has what it needs
+    with pytest.raises(WellFormatError, match=r"stats.yaml: keys \['rms_delta'\] missing; normalisation='rms' needs"):
+        WellDataset(tmp_path / 'd', split='train', normalisation='rms')
+    WellDataset(tmp_path / 'd', split='train', normalisation='zscore')  # z-score has what it needs
     write_stats({**st, 'std': {'u': 1.0}}, tmp_path / 'd' / 'stats.yaml')
     with pytest.raises(WellFormatError, match=r"std: no entry for field 'grad_u'"):
-        WellDataset(tmp_path / 'd', split='train', normalization='zscore')
-    with pytest.raises(ValueError, match="normalization='minmax' is not one of"):
-        WellDataset(tmp_path / 'd', split='train', normalization='minmax')
+        WellDataset(tmp_path / 'd', split='train', normalisation='zscore')
+    with pytest.raises(ValueError, match="normalisation='minmax' is not one of"):
+        WellDataset(tmp_path / 'd', split='train', normalisation='minmax')
 
 
-def test_normalizer_clips_tiny_scales():
-    n = Normalizer({'mean': {'a': 1.0}, 'std': {'a': 0.0}, 'mean_delta': {'a': 0.0}, 'std_delta': {'a': 0.0}}, [('a', 0)])
-    torch.testing.assert_close(n.normalize(torch.tensor([1.0001])), torch.tensor([1.0]), atol=1e-3, rtol=0)
+def test_normaliser_clips_tiny_scales():
+    n = Normaliser({'mean': {'a': 1.0}, 'std': {'a': 0.0}, 'mean_delta': {'a': 0.0}, 'std_delta': {'a': 0.0}}, [('a', 0)])
+    torch.testing.assert_close(n.normalise(torch.tensor([1.0001])), torch.tensor([1.0]), atol=1e-3, rtol=0)
 
 
 # ---------------------------------------------------------------- reader
@@ -367,15 +368,15 @@ def test_mixture_sampler_follows_weights(tmp_path):
         assert abs(np.mean([i >= 16 for i in idx]) - want) < 0.025
 
 
-def test_mixture_denormalize_uses_each_datasets_stats(tmp_path):
+def test_mixture_denormalise_uses_each_datasets_stats(tmp_path):
     pa = write_well(wave(), tmp_path / 'a' / 'a.hdf5'); write_stats(compute_stats([pa]), tmp_path / 'a' / 'stats.yaml')
     w = wave(); w.fields = {'u': 3 + 2 * w.fields['u']}
     pb = write_well(w, tmp_path / 'b' / 'b.hdf5'); write_stats(compute_stats([pb]), tmp_path / 'b' / 'stats.yaml')
     raw = WellMixture([WellDataset(pa), WellDataset(pb)])
-    mix = WellMixture([WellDataset(pa, normalization='zscore'), WellDataset(pb, normalization='zscore')])
+    mix = WellMixture([WellDataset(pa, normalisation='zscore'), WellDataset(pb, normalisation='zscore')])
     for i in (1, 9):
         s = mix[i]; d = int(s['dataset_index'])
-        torch.testing.assert_close(mix.denormalize(s['input_fields'], d), raw[i]['input_fields'], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mix.denormalise(s['input_fields'], d), raw[i]['input_fields'], atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- generate_dataset, info
@@ -384,10 +385,10 @@ class WaveSystem:
     "Stand-in System: random-speed travelling waves, deterministic in `seed`."
     name = 'wave'
     def __init__(self): self._calls = []   # run-time state is private: public attributes are settings
-    def simulate(self, n_traj, res=16, steps=5, seed=0, device='cpu', dtype=torch.float32, split='id', params=None, progress=True, ic=None):
-        self._calls.append(dict(n_traj=n_traj, seed=seed, split=split, params=params))
+    def simulate(self, n_traj, res=16, steps=5, seed=0, device='cpu', dtype=torch.float32, param_split='id', params=None, progress=True, ic=None):
+        self._calls.append(dict(n_traj=n_traj, seed=seed, param_split=param_split, params=params))
         g = torch.Generator().manual_seed(seed)
-        speeds = (params or {}).get('speed') or (0.5 + torch.rand(n_traj, generator=g) * (2 if split == 'ood' else 1))
+        speeds = (params or {}).get('speed') or (0.5 + torch.rand(n_traj, generator=g) * (2 if param_split == 'ood' else 1))
         return wave(speeds=tuple(torch.as_tensor(speeds).expand(n_traj).tolist()), nx=res, ny=res, steps=steps)
 
 
@@ -401,7 +402,7 @@ def test_split_counts_and_seeds():
 
 def test_generate_dataset_layout_stats_and_resume(tmp_path):
     sysm = WaveSystem()
-    out = generate_dataset(sysm, tmp_path, n_traj=10, res=8, steps=4, seed=7, chunk=4, show_progress=False)
+    out = generate_dataset(sysm, tmp_path, n_traj=10, res=8, steps=4, seed=7, chunk=4, progress=False)
     root = tmp_path / 'wave'
     assert out['root'] == root and (root / 'stats.yaml').exists()
     assert {s: len(v) for s, v in out['files'].items()} == {'train': 2, 'valid': 1, 'test': 1}
@@ -410,30 +411,30 @@ def test_generate_dataset_layout_stats_and_resume(tmp_path):
     st = load_stats(root / 'stats.yaml', 'zscore')
     assert st == compute_stats(out['files']['train'])
     # resume: everything whole -> nothing simulated
-    n = len(sysm._calls); again = generate_dataset(sysm, tmp_path, n_traj=10, res=8, steps=4, seed=7, chunk=4, show_progress=False)
+    n = len(sysm._calls); again = generate_dataset(sysm, tmp_path, n_traj=10, res=8, steps=4, seed=7, chunk=4, progress=False)
     assert len(sysm._calls) == n and len(again['skipped']) == 4
     # a killed run leaves a missing file, a damaged one a bad file: both are remade identically
     f0, f1 = out['files']['train']
     before = [read_well(f).fields['u'] for f in (f0, f1)]
     f0.unlink(); f1.write_bytes(f1.read_bytes()[:1000])
-    generate_dataset(sysm, tmp_path, n_traj=10, res=8, steps=4, seed=7, chunk=4, show_progress=False)
+    generate_dataset(sysm, tmp_path, n_traj=10, res=8, steps=4, seed=7, chunk=4, progress=False)
     assert len(sysm._calls) == n + 2
     for f, b in zip((f0, f1), before): torch.testing.assert_close(read_well(f).fields['u'], b, rtol=0, atol=0)
     # other seed -> other data; the_well-style dataset root is readable by our reader
-    ds = WellDataset(root, split='train', n_steps_input=2, n_steps_output=1, normalization='zscore')
+    ds = WellDataset(root, split='train', n_steps_input=2, n_steps_output=1, normalisation='zscore')
     assert len(ds) == 8 * 2 and ds.stats_path == root / 'stats.yaml'
 
 
 def test_generate_dataset_ood_goes_to_its_own_folder_and_params_pass_through(tmp_path):
     sysm = WaveSystem()
-    out = generate_dataset(sysm, tmp_path, n_traj=3, res=8, steps=3, seed=1, split_name='ood', params={'speed': 1.25}, show_progress=False)
-    assert out['root'] == tmp_path / 'wave_ood' and {c['split'] for c in sysm._calls} == {'ood'}
+    out = generate_dataset(sysm, tmp_path, n_traj=3, res=8, steps=3, seed=1, param_split='ood', params={'speed': 1.25}, progress=False)
+    assert out['root'] == tmp_path / 'wave_ood' and {c['param_split'] for c in sysm._calls} == {'ood'}
     assert read_well(out['files']['test'][0]).scalars['speed'].tolist() == [1.25]
     assert read_well(out['files']['test'][0]).attrs['request']['param_split'] == 'ood'
 
 
 def test_info_summarises_files_folders_and_datasets(tmp_path):
-    out = generate_dataset(WaveSystem(), tmp_path, n_traj=5, res=8, steps=3, seed=0, show_progress=False)
+    out = generate_dataset(WaveSystem(), tmp_path, n_traj=5, res=8, steps=3, seed=0, progress=False)
     f = info(out['files']['train'][0])
     assert f['kind'] == 'file' and f['n_trajectories'] == 3 and f['channels'] == ['u', 'grad_u_x', 'grad_u_y']
     assert f['boundary_sides'] == {'x': ['PERIODIC', 'PERIODIC'], 'y': ['PERIODIC', 'PERIODIC']}
@@ -447,14 +448,14 @@ def test_info_summarises_files_folders_and_datasets(tmp_path):
 
 def test_generate_dataset_remakes_files_when_the_request_changes_and_refuses_stale_files(tmp_path):
     sysm = WaveSystem()
-    generate_dataset(sysm, tmp_path, n_traj=3, res=8, steps=3, seed=0, show_progress=False)
+    generate_dataset(sysm, tmp_path, n_traj=3, res=8, steps=3, seed=0, progress=False)
     n = len(sysm._calls)
-    out = generate_dataset(sysm, tmp_path, n_traj=3, res=12, steps=3, seed=0, show_progress=False)  # new resolution
+    out = generate_dataset(sysm, tmp_path, n_traj=3, res=12, steps=3, seed=0, progress=False)  # new resolution
     assert len(sysm._calls) == n + 3 and out['skipped'] == []
     assert read_well(out['files']['train'][0]).fields['u'].shape[-2:] == (12, 12)
-    generate_dataset(sysm, tmp_path, n_traj=10, res=12, steps=3, seed=0, chunk=4, show_progress=False)   # more files
+    generate_dataset(sysm, tmp_path, n_traj=10, res=12, steps=3, seed=0, chunk=4, progress=False)   # more files
     with pytest.raises(ValueError, match='holds files this run would not write'):
-        generate_dataset(sysm, tmp_path, n_traj=3, res=12, steps=3, seed=0, show_progress=False)
+        generate_dataset(sysm, tmp_path, n_traj=3, res=12, steps=3, seed=0, progress=False)
 
 
 class ScaledWave(WaveSystem):
@@ -476,7 +477,7 @@ def test_system_settings_are_the_public_json_able_attributes():
 
 def test_generate_dataset_remakes_files_when_the_system_or_its_settings_change(tmp_path):
     "A changed setting or another class under the same name= remakes every file in place, like a changed seed; the same request skips all."
-    kw = dict(n_traj=10, res=8, steps=3, seed=0, chunk=4, name='wave', show_progress=False)
+    kw = dict(n_traj=10, res=8, steps=3, seed=0, chunk=4, name='wave', progress=False)
     plain = generate_dataset(WaveSystem(), tmp_path, **kw)
     u = {p: read_well(p).fields['u'] for v in plain['files'].values() for p in v}
     rms_plain = load_stats(plain['stats'])['rms']['u']
@@ -501,7 +502,7 @@ def test_write_dataset_lays_out_ready_made_trajectories(tmp_path):
     out = write_dataset({'train': [wave(), wave(speeds=(3.0,))], 'valid': wave(speeds=(0.1,))}, tmp_path)
     assert out['root'] == tmp_path / 'wave' and [p.name for p in out['files']['train']] == ['wave_train_0000.hdf5', 'wave_train_0001.hdf5']
     assert load_stats(out['stats'], 'rms') == compute_stats(out['files']['train'])
-    assert len(WellDataset(out['root'], split='valid', normalization='rms')) == 4
+    assert len(WellDataset(out['root'], split='valid', normalisation='rms')) == 4
     with pytest.raises(ValueError, match=r"split names \['val'\] are not among"): write_dataset({'val': wave()}, tmp_path)
     with pytest.raises(ValueError, match="needs a non-empty 'train' split"): write_dataset({'test': wave()}, tmp_path)
 
@@ -512,11 +513,11 @@ def test_mixture_refuses_different_window_shapes(tmp_path):
         WellMixture([WellDataset(p, n_steps_input=1), WellDataset(p, n_steps_input=2)])
 
 
-def test_denormalize_sample_restores_physical_units(tmp_path):
+def test_denormalise_sample_restores_physical_units(tmp_path):
     p = write_well(wave(constant=True), tmp_path / 'a.hdf5'); write_stats(compute_stats([p]), tmp_path / 'stats.yaml')
-    raw, ds = WellDataset(p), WellDataset(p, normalization='zscore')
+    raw, ds = WellDataset(p), WellDataset(p, normalisation='zscore')
     batch = torch.utils.data.default_collate([ds[0], ds[3]])
-    back, want = ds.denormalize_sample(batch), torch.utils.data.default_collate([raw[0], raw[3]])
+    back, want = ds.denormalise_sample(batch), torch.utils.data.default_collate([raw[0], raw[3]])
     for k in ('input_fields', 'output_fields', 'constant_fields'):
         torch.testing.assert_close(back[k], want[k], atol=1e-5, rtol=1e-5)
 
@@ -540,7 +541,7 @@ def test_reader_handles_the_wells_optional_layouts(tmp_path):
         for k, v in (('bc_type', 'wall'), ('associated_dims', ['x', 'y']), ('associated_fields', []), ('sample_varying', False), ('time_varying', False)): b.attrs[k] = v
         mask = np.zeros((16, 8), bool); mask[:, 0] = True; b.create_dataset('mask', data=mask)   # wall at y = 0 only
     check_well_file(p)
-    ds = WellDataset(p, n_steps_input=2, n_steps_output=1, normalize_time_grid=False)
+    ds = WellDataset(p, n_steps_input=2, n_steps_output=1, normalise_time_grid=False)
     assert ds.field_names == ['u', 'profile', 'grad_u_x', 'grad_u_y'] and ds.constant_field_names == ['shared']
     s = ds[len(ds) - 1]                                            # trajectory 1, frames 3, 4 -> 5
     torch.testing.assert_close(s['output_fields'][0, ..., 1], torch.from_numpy(profile[5])[:, None].expand(16, 8))
@@ -554,5 +555,5 @@ def test_reader_handles_the_wells_optional_layouts(tmp_path):
 
 
 def test_generate_dataset_without_steps_uses_the_systems_default(tmp_path):
-    out = generate_dataset(WaveSystem(), tmp_path, n_traj=3, res=8, seed=0, show_progress=False)
+    out = generate_dataset(WaveSystem(), tmp_path, n_traj=3, res=8, seed=0, progress=False)
     assert read_well(out['files']['train'][0]).n_steps == 5     # WaveSystem.simulate's default

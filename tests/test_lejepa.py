@@ -185,8 +185,8 @@ def test_lejepa_model_forward_and_step():
 # ---------------------------------------------------------------- DDP under torchrun and the papermill run
 def _dataset(tmp_path):
     from physnb.data.generate import generate_dataset
-    return generate_dataset(SYSTEMS['gray_scott'], tmp_path / 'data', 8, res=16, steps=5, seed=0, splits=(0.5, 0.25, 0.25),
-                            split_name='all', show_progress=False)['root']
+    return generate_dataset(SYSTEMS['gray_scott'], tmp_path / 'data', 8, res=16, steps=5, seed=0, fractions=(0.5, 0.25, 0.25),
+                            param_split='all', progress=False)['root']
 
 
 ARGS = ['--epochs', '2', '--batch-size', '8', '--lr', '2e-3', '--width', '4', '--embed-dim', '16', '--proj-hidden', '32',
@@ -197,14 +197,14 @@ ARGS = ['--epochs', '2', '--batch-size', '8', '--lr', '2e-3', '--width', '4', '-
 def test_ddp_under_torchrun_matches_one_process(tmp_path):
     "2 gloo ranks (4 samples each) reach the same weights as one process on the same global batches of 8."
     data = _dataset(tmp_path)
-    one = subprocess.run([sys.executable, '-m', 'physnb.train.lejepa', '--data', str(data), '--out-dir', str(tmp_path / 'one'), *ARGS],
+    one = subprocess.run([sys.executable, '-m', 'physnb.cli', 'lejepa', '--data', str(data), '--out-dir', str(tmp_path / 'one'), *ARGS],
                          env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(torchrun() + ['-m', 'physnb.train.lejepa', '--data', str(data), '--out-dir', str(tmp_path / 'two'), *ARGS],
+    two = subprocess.run(torchrun() + ['-m', 'physnb.cli', 'lejepa', '--data', str(data), '--out-dir', str(tmp_path / 'two'), *ARGS],
                          env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     if two.returncode != 0 and 'physnb' not in two.stderr: pytest.skip(f'torchrun could not start: {two.stderr[-500:]}')
     assert two.returncode == 0, two.stderr[-3000:]
-    r1, r2 = (json.loads((tmp_path / d / 'results.json').read_text()) for d in ('one', 'two'))
+    r1, r2 = (json.loads((tmp_path / d / 'results.json').read_text())['metrics'] for d in ('one', 'two'))
     assert (r1['world_size'], r2['world_size']) == (1, 2)
     w1, w2 = (load_checkpoint(tmp_path / d / 'last.safetensors')['model'] for d in ('one', 'two'))
     assert w1.keys() == w2.keys() and w1['step'].item() == w2['step'].item() == r1['history'][-1]['step']

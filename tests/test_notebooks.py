@@ -63,3 +63,18 @@ def test_experiments_refuse_unknown_parameters(nb):
     "papermill injects a misspelt -p as a new variable; every experiment checks its names with experiment_parameters."
     code = '\n'.join(''.join(c['source']) for c in cells(nb) if c['cell_type'] == 'code')
     assert 'experiment_parameters(globals(), _before)' in code and '_before = set(globals())' in code, nb.name
+
+
+@pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: p.name)
+def test_a_class_built_across_cells_stays_in_one_section(nb):
+    "Methods added with @patch sit in the same `##` section as their class (subsections may split it for the prose)."
+    section, home, seen = None, {}, {}
+    for c in cells(nb):
+        s = ''.join(c['source'])
+        if c['cell_type'] == 'markdown':
+            section = next((l for l in s.splitlines() if l.startswith('## ')), section)
+        elif s.startswith('#| export'):
+            for m in re.finditer(r'^class (\w+)', s, re.M): home[m.group(1)] = section
+            for m in re.finditer(r'^def \w+\(self: (\w+)', s, re.M): seen.setdefault(m.group(1), set()).add(section)
+    for cls, sections in seen.items():
+        if cls in home: assert sections == {home[cls]}, f'{nb.name}: {cls} is built in {sorted(map(str, sections | {home[cls]}))}'

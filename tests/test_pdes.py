@@ -73,9 +73,9 @@ def test_reaction_diffusion_agrees_with_pypde_at_second_order():
 def test_system_contract(name):
     system = SYSTEMS[name]
     assert isinstance(system, System) and system.name == name
-    assert {'id', 'ood'} <= set(system.splits) and system.ic_families
+    assert {'id', 'ood'} <= set(system.param_splits) and system.ic_families
     assert all(isinstance(p, Param) for p in system.params.values())
-    for split in system.splits:
+    for split in system.param_splits:
         draws = system.sample_params(5, split, torch.Generator().manual_seed(0))
         assert set(draws) == set(system.params)
         for k, v in draws.items():
@@ -140,10 +140,10 @@ def test_every_returned_tensor_has_the_requested_dtype(name, dtype):
 
 def test_id_and_ood_splits_do_not_overlap():
     gs, ns = GrayScott(), NavierStokes2D()
-    assert not set(gs.splits['id']['regime']) & set(gs.splits['ood']['regime'])
-    assert set(gs.splits['id']['regime']) | set(gs.splits['ood']['regime']) == set(GRAY_SCOTT_REGIMES)
+    assert not set(gs.param_splits['id']['regime']) & set(gs.param_splits['ood']['regime'])
+    assert set(gs.param_splits['id']['regime']) | set(gs.param_splits['ood']['regime']) == set(GRAY_SCOTT_REGIMES)
     for p in ns.params:
-        assert not set(ns.splits['id'][p]) & set(ns.splits['ood'][p])
+        assert not set(ns.param_splits['id'][p]) & set(ns.param_splits['ood'][p])
 
 
 def test_errors_name_the_allowed_values():

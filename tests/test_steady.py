@@ -21,7 +21,7 @@ def _coefficients(traj):
 @pytest.mark.parametrize('name', list(SYSTEMS))
 @pytest.mark.parametrize('split', ['id', 'ood'])
 def test_spectral_residual_is_below_1e_8_in_float64(name, split):
-    traj = SYSTEMS[name].simulate(32, res=64, seed=11, dtype=torch.float64, split=split, progress=False)
+    traj = SYSTEMS[name].simulate(32, res=64, seed=11, dtype=torch.float64, param_split=split, progress=False)
     f, u = traj.fields['source'][:, 0], traj.fields['solution'][:, 0]
     coefficients = _coefficients(traj)
     # the forward operator applied spectrally (symbol times û) gives back f ...
@@ -54,7 +54,7 @@ def test_solution_is_invariant_under_joint_scaling_of_source_and_coefficients():
 def test_helmholtz_rejection_keeps_max_abs_u_at_most_2():
     system = SYSTEMS['helmholtz']
     for split in ('id', 'ood'):
-        traj = system.simulate(256, res=32, seed=5, split=split, dtype=torch.float64, progress=False)
+        traj = system.simulate(256, res=32, seed=5, param_split=split, dtype=torch.float64, progress=False)
         assert traj.fields['solution'].abs().max() <= HELMHOLTZ_MAX
     # the filter is active: ω = 2 (|symbol| = 0.026 at |m|² = 5) blows up and never survives it
     traj = system.simulate(256, res=32, seed=5, dtype=torch.float64, progress=False)
@@ -72,7 +72,7 @@ def test_helmholtz_fixed_omega_is_kept_while_sources_are_redrawn():
 
 @pytest.mark.parametrize('split,low,high', [('id', 0.2, 1.), ('ood_psi1_5', 1., 5.)])
 def test_advection_diffusion_hits_its_target_psi(split, low, high):
-    traj = SYSTEMS['advection_diffusion'].simulate(64, res=64, seed=2, split=split, dtype=torch.float64, progress=False)
+    traj = SYSTEMS['advection_diffusion'].simulate(64, res=64, seed=2, param_split=split, dtype=torch.float64, progress=False)
     psi = traj.scalars['psi']
     assert ((psi >= low) & (psi <= high)).all()
     c = _coefficients(traj)
@@ -128,7 +128,7 @@ def test_splits_draw_in_their_ranges():
     for (name, split), (param, lo, hi) in ranges.items():
         v = SYSTEMS[name].sample_params(200, split, torch.Generator().manual_seed(0))[param]
         assert ((v >= lo) & (v <= hi)).all(), (name, split)
-    assert all({'id', 'ood', 'pretrain'} <= set(s.splits) for s in SYSTEMS.values())
+    assert all({'id', 'ood', 'pretrain'} <= set(s.param_splits) for s in SYSTEMS.values())
     omega = SYSTEMS['helmholtz'].sample_params(200, 'ood', torch.Generator().manual_seed(0))['omega']
     assert torch.equal(omega, omega.round())
 
@@ -164,7 +164,7 @@ def test_well_files_round_trip_into_pairs(tmp_path):
     path = write_well(traj, tmp_path / 'ad.hdf5')
     check_well_file(path)
     torch.testing.assert_close(SteadyPairs(path).tensors(), SteadyPairs(traj).tensors())
-    out = generate_dataset(SYSTEMS['poisson'], tmp_path, n_traj=10, res=16, split_name='ood_e10_20', show_progress=False)
+    out = generate_dataset(SYSTEMS['poisson'], tmp_path, n_traj=10, res=16, param_split='ood_e10_20', progress=False)
     pairs = SteadyPairs(out['root'] / 'data')
     assert len(pairs) == 10 and pairs.channels == ('source', 'K11', 'K22', 'K12')
 
@@ -183,7 +183,7 @@ def test_the_well_reads_a_steady_file(tmp_path):
 
 def test_clear_errors():
     with pytest.raises(ValueError, match="'pretrain'"):
-        SYSTEMS['poisson'].simulate(2, res=8, split='huge', progress=False)
+        SYSTEMS['poisson'].simulate(2, res=8, param_split='huge', progress=False)
     with pytest.raises(ValueError, match="not among"):
         solve_steady(torch.zeros(1, 8, 8), {'kappa': torch.ones(1)})
     with pytest.raises(ValueError, match="'system', 'mixture'"):

@@ -18,7 +18,7 @@ FIELDS = ['A', 'B', 'vorticity', 'velocity_x', 'velocity_y']
 
 def small(**kw):
     torch.manual_seed(kw.pop('seed', 0))
-    return Tokeniser(TokeniserConfig(fields=kw.pop('fields', FIELDS), **{'width': 16, 'latent': 4, **kw}))
+    return Tokeniser(TokeniserConfig(field_names=kw.pop('fields', FIELDS), **{'width': 16, 'latent': 4, **kw}))
 
 
 def random_config(rng: random.Random) -> TokeniserConfig:
@@ -27,7 +27,7 @@ def random_config(rng: random.Random) -> TokeniserConfig:
     kt1, kt2 = rng.choice([1, 2, 3]), rng.choice([1, 2, 3, 4])
     spatial = [s for s, (a, b) in SPATIAL_STAGE_STRIDES.items() if a <= k1 and b <= k2 and s <= 16]
     temporal = [t for t, (a, b) in TEMPORAL_STAGE_STRIDES.items() if a <= kt1 and b <= kt2]
-    return TokeniserConfig(fields=FIELDS, width=8, latent=3, groups=rng.choice([1, 2, 4]),
+    return TokeniserConfig(field_names=FIELDS, width=8, latent=3, groups=rng.choice([1, 2, 4]),
                            spatial_levels=tuple(rng.sample(spatial, k=min(2, len(spatial)))),
                            temporal_levels=tuple(temporal), spatial_kernels=(k1, k2), temporal_kernels=(kt1, kt2),
                            norm=rng.choice(['group', 'rms']), padding_mode=rng.choice(['circular', 'zeros', 'replicate']))
@@ -229,7 +229,7 @@ def test_parameter_groups_partition_and_with_fields():
     ids = [id(p) for g in groups.values() for p in g]
     assert len(ids) == len(set(ids)) == len(list(tok.parameters()))
     more = tok.with_fields(['pressure', 'tracer'])
-    assert more.fields == FIELDS + ['pressure', 'tracer']
+    assert more.field_names == FIELDS + ['pressure', 'tracer']
     x = torch.randn(1, 4, 2, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(more(x, ['A', 'B'], (8, 1)), tok(x, ['A', 'B'], (8, 1)))

@@ -27,13 +27,13 @@ LEVELS = '4x1,8x1,8x2,16x4'
 def roots(tmp_path_factory):
     "Tiny gray_scott (32x32) and ns2d (32x64) Well datasets, 5 trajectories of 13 frames each."
     tmp = tmp_path_factory.mktemp('data')
-    return {n: generate_dataset(SYSTEMS[n], tmp, n_traj=5, res=32, steps=12, seed=0, show_progress=False)['root']
+    return {n: generate_dataset(SYSTEMS[n], tmp, n_traj=5, res=32, steps=12, seed=0, progress=False)['root']
             for n in ('gray_scott', 'ns2d')}
 
 
 def small(fields, seed=0):
     torch.manual_seed(seed)
-    return Tokeniser(TokeniserConfig(fields=fields, width=16, latent=8))
+    return Tokeniser(TokeniserConfig(field_names=fields, width=16, latent=8))
 
 
 # The child: pretrain on gray_scott (or the mixture) with levels drawn per step; it logs the compression every
@@ -59,7 +59,7 @@ SCRIPT = textwrap.dedent('''
     # groups=4 < embed=8: with one channel per group, a conv bias right before a group norm is removed by it, its
     # gradient is rounding noise, and Adam turns that noise into O(lr) steps that differ between DDP and one process
     torch.manual_seed(init_seed)                 # a resumed run starts from other weights
-    tok = Logged(TokeniserConfig(fields=train.field_names, width=16, latent=8, embed=8, groups=4))
+    tok = Logged(TokeniserConfig(field_names=train.field_names, width=16, latent=8, embed=8, groups=4))
     def killer(trainer, event):
         if event == 'step' and trainer.step == kill_at: os.kill(os.getpid(), signal.SIGKILL)
     os.makedirs(out_dir, exist_ok=True)
@@ -248,7 +248,7 @@ def test_field_windows_read_the_wells_own_files(tmp_path):
     dummy = pytest.importorskip('the_well.utils.dummy_data')
     d = tmp_path / 'dummy' / 'data' / 'train'; d.mkdir(parents=True)
     dummy.write_dummy_data(str(d / 'data.hdf5'))
-    windows = FieldWindows(d, None, window=4, normalization=None)
+    windows = FieldWindows(d, None, window=4, normalisation=None)
     assert windows.field_names == ['field_x', 'field_y'] and len(windows) == 2 * (10 - 4 + 1)
     sample = windows[0]
     assert sample['fields'].shape == (4, 2, 32, 32) and sample['channel_mask'].all()

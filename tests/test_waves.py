@@ -220,7 +220,7 @@ def test_shallow_water_simulate_api():
     with pytest.raises(ValueError, match="is not one of 'gravity_waves', 'geostrophic_adjustment', 'balanced_vortices'"):
         sys_.simulate(1, res=16, steps=1, ic='tsunami', progress=False)
     with pytest.raises(ValueError, match="is not one of 'id', 'ood', 'ood_amplitude'"):
-        sys_.simulate(1, res=16, steps=1, split='test', progress=False)
+        sys_.simulate(1, res=16, steps=1, param_split='test', progress=False)
     with pytest.raises(ValueError, match='outside its allowed range'):
         sys_.simulate(1, res=16, steps=1, params={'coriolis': 20.}, progress=False)
 
@@ -421,9 +421,9 @@ def test_acoustics_simulate_api_and_mean_pressure():
     pm = tr.fields['pressure'].mean((-2, -1))
     assert (pm - pm[:, :1]).abs().max() < 1e-6                          # Σp is conserved exactly
     assert tr.fields['velocity'][:, 0].abs().max() == 0 and tr.fields['velocity'][:, -1].abs().max() > 0
-    ood = sys_.simulate(2, res=24, steps=2, split='ood', progress=False)
+    ood = sys_.simulate(2, res=24, steps=2, param_split='ood', progress=False)
     assert ood.attrs['density'] == ['inclusions'] * 2
-    hi = sys_.simulate(2, res=24, steps=2, split='ood_contrast', progress=False)
+    hi = sys_.simulate(2, res=24, steps=2, param_split='ood_contrast', progress=False)
     assert hi.scalars['density_contrast'].min() >= 20
     forced = sys_.simulate(2, res=24, steps=2, density='gradient', params={'bulk_modulus': 9.}, progress=False)
     assert forced.attrs['density'] == ['gradient'] * 2
@@ -448,7 +448,7 @@ def test_acoustics_float32_tracks_float64():
 def test_registry_and_animation():
     assert set(SYSTEMS) == {'shallow_water', 'acoustics'}
     for name, s in SYSTEMS.items():
-        assert s.name == name and {'id', 'ood'} <= set(s.splits)
+        assert s.name == name and {'id', 'ood'} <= set(s.param_splits)
         for p in s.params.values(): assert p.doc
     tr = SYSTEMS['shallow_water'].simulate(1, res=16, steps=3, progress=False)
     fig = animate(tr, 'velocity')

@@ -109,7 +109,7 @@ def test_the_well_normalises_with_our_stats_exactly_like_we_do(dataset_root, our
     root, _ = dataset_root
     tw = TheWellDataset(path=str(root), well_split_name='train', n_steps_input=2, n_steps_output=1,
                         use_normalization=True, normalization_type=theirs)
-    ours = WellDataset(root, split='train', n_steps_input=2, n_steps_output=1, normalization=ours_kind)
+    ours = WellDataset(root, split='train', n_steps_input=2, n_steps_output=1, normalisation=ours_kind)
     raw = WellDataset(root, split='train', n_steps_input=2, n_steps_output=1)
     for i in (0, 11, len(ours) - 1):
         a, b = tw[i], ours[i]
@@ -117,7 +117,7 @@ def test_the_well_normalises_with_our_stats_exactly_like_we_do(dataset_root, our
             torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5)
         # and the flattened denormalisation of the_well agrees with ours: metrics on physical values
         torch.testing.assert_close(tw.norm.denormalize_flattened(a['output_fields'], 'variable'), raw[i]['output_fields'], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(ours.denormalize(b['output_fields']), raw[i]['output_fields'], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.denormalise(b['output_fields']), raw[i]['output_fields'], atol=1e-5, rtol=1e-5)
 
 
 def test_the_well_reads_steady_single_step_files(tmp_path):
@@ -130,12 +130,12 @@ def test_the_well_reads_steady_single_step_files(tmp_path):
     write_stats(compute_stats([tmp_path / 'poisson' / 'data' / 'train' / 'a.hdf5']), tmp_path / 'poisson' / 'stats.yaml')
     tw = TheWellDataset(path=str(tmp_path / 'poisson'), well_split_name='train', n_steps_input=1, n_steps_output=0,
                         use_normalization=True, normalization_type=ZScoreNormalization)
-    ours = WellDataset(tmp_path / 'poisson', split='train', n_steps_input=1, n_steps_output=0, normalization='zscore')
+    ours = WellDataset(tmp_path / 'poisson', split='train', n_steps_input=1, n_steps_output=0, normalisation='zscore')
     assert len(tw) == len(ours) == 4
     a, b = tw[3], ours[3]
     assert set(a) == set(b) and 'output_fields' not in a
     torch.testing.assert_close(b['input_fields'], a['input_fields'], atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(ours.denormalize(b['input_fields'])[0, ..., 1], steady.fields['solution'][3, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.denormalise(b['input_fields'])[0, ..., 1], steady.fields['solution'][3, 0], atol=1e-5, rtol=1e-5)
     assert float(a['constant_scalars']) == float(b['constant_scalars']) == 3.0
     assert (a['boundary_conditions'] == BC_CODES['WALL']).all() and (b['boundary_conditions'] == BC_CODES['WALL']).all()
 
@@ -143,15 +143,15 @@ def test_the_well_reads_steady_single_step_files(tmp_path):
 def test_the_well_loads_generate_dataset_output(tmp_path):
     class Waves:
         name = 'waves'
-        def simulate(self, n_traj, res=16, steps=5, seed=0, device='cpu', dtype=torch.float32, split='id', params=None, progress=True):
+        def simulate(self, n_traj, res=16, steps=5, seed=0, device='cpu', dtype=torch.float32, param_split='id', params=None, progress=True):
             g = torch.Generator().manual_seed(seed)
             return rich(speeds=tuple((0.5 + torch.rand(n_traj, generator=g)).tolist()), nx=res, ny=res, steps=steps, bcs=('periodic', 'periodic'))
     # rich() has 3 viscosities at most: keep files at <= 3 trajectories
-    out = generate_dataset(Waves(), tmp_path, n_traj=8, res=8, steps=5, seed=2, chunk=3, show_progress=False)
+    out = generate_dataset(Waves(), tmp_path, n_traj=8, res=8, steps=5, seed=2, chunk=3, progress=False)
     for split in ('train', 'valid', 'test'):
         tw = TheWellDataset(path=str(out['root']), well_split_name=split, n_steps_input=2, n_steps_output=1,
                             use_normalization=True, normalization_type=ZScoreNormalization)
-        ours = WellDataset(out['root'], split=split, n_steps_input=2, n_steps_output=1, normalization='zscore')
+        ours = WellDataset(out['root'], split=split, n_steps_input=2, n_steps_output=1, normalisation='zscore')
         assert len(tw) == len(ours) > 0
         torch.testing.assert_close(ours[len(ours) - 1]['output_fields'], tw[len(tw) - 1]['output_fields'], atol=1e-5, rtol=1e-5)
 
@@ -187,7 +187,7 @@ def test_our_reader_on_the_wells_dummy_file_quirks_included(dummy_dir):
         check_well_file(dummy_dir / 'data.hdf5')
     # no stats.yaml in the fixture: asking for normalisation is an error, not a silent skip
     with pytest.raises(FileNotFoundError, match='needs a stats.yaml'):
-        WellDataset(dummy_dir, normalization='zscore')
+        WellDataset(dummy_dir, normalisation='zscore')
 
 
 def test_the_wells_restriction_bug_is_not_ours(dataset_root):
@@ -214,12 +214,12 @@ def test_every_registered_system_round_trips_through_the_well(tmp_path, name, mo
     "generate_dataset on each real solver at toy size: our checker passes and the_well's loader agrees with ours."
     systems = _registered_systems()
     monkeypatch.setenv('PHYSNB_PROGRESS', '0')
-    out = generate_dataset(systems[name], tmp_path, n_traj=3, res=16, steps=3, seed=0, show_progress=False)
+    out = generate_dataset(systems[name], tmp_path, n_traj=3, res=16, steps=3, seed=0, progress=False)
     for f in (p for v in out['files'].values() for p in v): check_well_file(f)
     n_out = 1 if check_well_file(out['files']['train'][0]).n_steps > 1 else 0   # steady systems have T = 1
     tw = TheWellDataset(path=str(out['root']), well_split_name='train', n_steps_input=1, n_steps_output=n_out,
                         use_normalization=True, normalization_type=ZScoreNormalization)
-    ours = WellDataset(out['root'], split='train', n_steps_input=1, n_steps_output=n_out, normalization='zscore')
+    ours = WellDataset(out['root'], split='train', n_steps_input=1, n_steps_output=n_out, normalisation='zscore')
     assert len(tw) == len(ours) > 0
     for i in (0, len(ours) - 1):
         a, b = tw[i], ours[i]

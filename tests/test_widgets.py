@@ -183,14 +183,14 @@ def test_no_level_that_fits_is_a_clear_error():
     (dict(samples=3), 'Dataset of windows'),
     (dict(samples=[]), 'samples is empty'),
     (dict(samples=[{'output_fields': torch.zeros(2, 8, 8, 2)}]), "'input_fields'"),
-    (dict(fields=['u']), '2 channels but fields names 1'),
-    (dict(fields=None), 'fields=None needs samples.field_names'),
+    (dict(field_names=['u']), '2 channels but field_names has 1'),
+    (dict(field_names=None), 'field_names=None needs samples.field_names'),
     (dict(levels=[(8,)]), r'not a \(spatial, temporal\) pair'),
     (dict(levels=['8y1']), r'not a \(spatial, temporal\) pair'),
     (dict(device='tpu'), "device='tpu' is not one of"),
 ])
 def test_bad_inputs_give_clear_errors(kwargs, message):
-    args = dict(tokeniser=BlockMean(), samples=smooth_windows(), fields=['u', 'v'])
+    args = dict(tokeniser=BlockMean(), samples=smooth_windows(), field_names=['u', 'v'])
     with pytest.raises((ValueError, TypeError), match=message):
         CompressionExplorer(**{**args, **kwargs})
 
@@ -223,11 +223,11 @@ def test_well_samples_are_converted_from_channels_last(tmp_path):
     from physnb.sim.systems import SYSTEMS
     from physnb.data.generate import generate_dataset
     from physnb.data.datasets import WellDataset
-    gs = generate_dataset(SYSTEMS['gray_scott'], tmp_path, n_traj=2, res=16, steps=4, seed=0, show_progress=False, splits=(1, 0, 0))
+    gs = generate_dataset(SYSTEMS['gray_scott'], tmp_path, n_traj=2, res=16, steps=4, seed=0, progress=False, fractions=(1, 0, 0))
     ds = WellDataset(gs['root'], split='train', n_steps_input=4, n_steps_output=0)
     w = compression_explorer(BlockMean(), ds, levels=[(4, 1), (8, 2), (16, 4)])    # fields from ds.field_names
     ex = w.explorer
-    assert isinstance(w, widgets.VBox) and ex.fields == ['A', 'B'] and len(ex.windows) == len(ds)
+    assert isinstance(w, widgets.VBox) and ex.field_names == ['A', 'B'] and len(ex.windows) == len(ds)
     assert ex.levels == [(4, 1), (8, 2), (16, 4)]
     ex.controls['field'].value = 'B'; ex.controls['time'].value = 2
     np.testing.assert_array_equal(z(ex.figure, 0), ds[0]['input_fields'][2, :, :, 1].T.numpy())
@@ -289,7 +289,7 @@ def test_displaying_the_widget_refreshes_the_figure_state_voila_draws(explorer):
 def test_the_physnb_tokeniser_works_in_the_explorer():
     from physnb.models.tokeniser import Tokeniser, TokeniserConfig
     torch.manual_seed(0)
-    tok = Tokeniser(TokeniserConfig(fields=['v', 'u', 'w'], width=16, latent=4))
+    tok = Tokeniser(TokeniserConfig(field_names=['v', 'u', 'w'], width=16, latent=4))
     x = smooth_windows(n=2, T=2, H=24, W=24)
     ex = CompressionExplorer(tok, x, ['u', 'v'])                                  # a subset of its fields, another order
     assert ex.levels == tok.allowed_compressions((2, 24, 24))
@@ -318,7 +318,7 @@ def test_rollout_scrubber_persistence_error_starts_at_zero_and_tracks_the_slider
     sc.controls['field'].value = 'v'
     np.testing.assert_allclose(fig.data[3].y, sc.vrmse[:, 1].numpy(), rtol=1e-6)
     with pytest.raises(ValueError, match='must match'): RolloutScrubber(truth, persistence[:3], ['u', 'v'])
-    with pytest.raises(ValueError, match='2 channels but fields names 3'): RolloutScrubber(truth, persistence, ['u', 'v', 'w'])
+    with pytest.raises(ValueError, match='2 channels but field_names has 3'): RolloutScrubber(truth, persistence, ['u', 'v', 'w'])
     well = RolloutScrubber(truth.permute(0, 2, 3, 1), persistence.permute(0, 2, 3, 1), ['u', 'v'], channels_last=True)
     torch.testing.assert_close(well.vrmse, sc.vrmse)
     np.testing.assert_array_equal(z(well.figure, 0), z(RolloutScrubber(truth, persistence, ['u', 'v']).figure, 0))

@@ -14,7 +14,7 @@ import torch
 from fastcore.basics import patch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
-from .stats import Normalizer, STATS_KEYS, load_stats
+from .stats import Normaliser, STATS_KEYS, load_stats
 from .well import (FIELD_GROUPS, SPLITS, WellFileMeta, WellFormatError, _fail, _open,
                               boundary_codes, read_meta)
 
@@ -86,20 +86,20 @@ class WellDataset(Dataset):
                  n_steps_input: int = 1,            # frames in `input_fields`
                  n_steps_output: int = 1,           # frames in `output_fields` (0 for steady T=1 files)
                  dt_stride: int = 1,                # frames between consecutive steps of a window
-                 normalization: str | None = None,  # None | 'zscore' | 'rms' (needs stats.yaml)
+                 normalisation: str | None = None,  # None | 'zscore' | 'rms' (needs stats.yaml)
                  stats_path: str | Path | None = None, # default: the dataset's stats.yaml
                  n_trajectories: int | float | None = None, # keep this many trajectories (int) or this fraction (float), seeded
                  seed: int = 0,                     # seed of the trajectory subset
                  full_trajectory: bool = False,     # one window per trajectory: n_in frames, then all the rest
                  return_grid: bool = True,          # add space_grid and time grids
-                 normalize_time_grid: bool = True,  # time grids relative to the window start
+                 normalise_time_grid: bool = True,  # time grids relative to the window start
                  min_std: float = 1e-4,             # floor of std/rms in normalisation
                 ):
         if n_steps_input < 1 or n_steps_output < 0 or dt_stride < 1:
             raise ValueError(f"need n_steps_input >= 1, n_steps_output >= 0, dt_stride >= 1; got {n_steps_input}, {n_steps_output}, {dt_stride}")
         self.files, cands = resolve_well_paths(path, split)
         self.n_in, self.dt, self.full = n_steps_input, dt_stride, full_trajectory
-        self.return_grid, self.normalize_time_grid = return_grid, normalize_time_grid
+        self.return_grid, self.normalise_time_grid = return_grid, normalise_time_grid
         self.metas = _read_metas(self.files)
         self.meta = m0 = self.metas[0]
         min_T = min(m.n_steps for m in self.metas)
@@ -117,25 +117,25 @@ class WellDataset(Dataset):
         self.windows = [1 if full_trajectory else self.metas[i].n_steps - self.span + 1 for i, _ in self.trajectories]
         self.offsets = np.cumsum([0] + self.windows)
         # normalisation
-        self.normalization, self.normalizer, self.stats_path = normalization, None, None
-        if normalization is not None: self._init_normalizer(normalization, stats_path, cands, min_std)
+        self.normalisation, self.normaliser, self.stats_path = normalisation, None, None
+        if normalisation is not None: self._init_normaliser(normalisation, stats_path, cands, min_std)
         self._handles, self._pid, self._static = {}, None, {}
 
 # %% ../../nbs/02b_data.datasets.ipynb #62f95ba3
 @patch
-def _init_normalizer(self: WellDataset, normalization: str, stats_path, cands: list[Path], min_std: float):
-    "Find the stats file (an explicit `stats_path`, else the dataset's), check its keys and build the `Normalizer`."
-    if normalization not in STATS_KEYS: raise ValueError(f"normalization={normalization!r} is not one of None, 'zscore', 'rms'")
+def _init_normaliser(self: WellDataset, normalisation: str, stats_path, cands: list[Path], min_std: float):
+    "Find the stats file (an explicit `stats_path`, else the dataset's), check its keys and build the `Normaliser`."
+    if normalisation not in STATS_KEYS: raise ValueError(f"normalisation={normalisation!r} is not one of None, 'zscore', 'rms'")
     cands = [Path(stats_path)] if stats_path is not None else cands
     found = [c for c in cands if c.is_file()]
     if not found:
-        raise FileNotFoundError(f"normalization={normalization!r} needs a stats.yaml; looked at {[str(c) for c in cands]}. "
+        raise FileNotFoundError(f"normalisation={normalisation!r} needs a stats.yaml; looked at {[str(c) for c in cands]}. "
                                 f"Write one with write_stats(compute_stats(train_files), path) or pass stats_path=")
     self.stats_path = found[0]
-    stats = load_stats(self.stats_path, normalization)
+    stats = load_stats(self.stats_path, normalisation)
     m0 = self.meta
     fo = lambda tv: [(fd['name'], fd['order']) for fd in m0.fields if fd['time_varying'] == tv]
-    self.normalizer = Normalizer(stats, fo(True), fo(False), len(m0.spatial_dims), normalization, min_std, str(self.stats_path))
+    self.normaliser = Normaliser(stats, fo(True), fo(False), len(m0.spatial_dims), normalisation, min_std, str(self.stats_path))
 
 # %% ../../nbs/02b_data.datasets.ipynb #b128a217
 @patch(as_prop=True)
@@ -221,10 +221,10 @@ def __getitem__(self: WellDataset, index: int) -> dict:
     sample = {}
     x = self._fields(f, meta, b, frames, True)                      # (n_in + n_out, Nx, Ny, C)
     if x is not None:
-        if self.normalizer: x = self.normalizer.normalize(x, 'variable')
+        if self.normaliser: x = self.normaliser.normalise(x, 'variable')
         sample['input_fields'], sample['output_fields'] = x[:self.n_in], x[self.n_in:]
     c = self._fields(f, meta, b, frames, False)                     # (Nx, Ny, C_const)
-    if c is not None: sample['constant_fields'] = self.normalizer.normalize(c, 'constant') if self.normalizer else c
+    if c is not None: sample['constant_fields'] = self.normaliser.normalise(c, 'constant') if self.normaliser else c
     sc = [self._read(f, meta, f"scalars/{s['name']}", s['sample_varying'], True, b, frames).float()
           for s in meta.scalars if s['time_varying']]
     if sc: s = torch.stack(sc, -1); sample['input_scalars'], sample['output_scalars'] = s[:self.n_in], s[self.n_in:]
@@ -237,7 +237,7 @@ def __getitem__(self: WellDataset, index: int) -> dict:
     if self.return_grid:
         sample['space_grid'] = self._space_grid(f, meta, fi, b)
         t = self._read(f, meta, 'dimensions/time', meta.time_sample_varying, True, b, frames).float()
-        if self.normalize_time_grid: t = t - t[0]
+        if self.normalise_time_grid: t = t - t[0]
         sample['input_time_grid'], sample['output_time_grid'] = t[:self.n_in], t[self.n_in:]
     return {k: v for k, v in sample.items() if v.numel() > 0}
 
@@ -253,16 +253,16 @@ def _space_grid(self: WellDataset, f, meta, fi, b):
 
 # %% ../../nbs/02b_data.datasets.ipynb #af05d64b
 @patch
-def denormalize(self: WellDataset, x: torch.Tensor, mode: str = 'variable') -> torch.Tensor:
+def denormalise(self: WellDataset, x: torch.Tensor, mode: str = 'variable') -> torch.Tensor:
     "Undo the normalisation of channels-last fields (identity without normalisation)."
-    return self.normalizer.denormalize(x, mode) if self.normalizer else x
+    return self.normaliser.denormalise(x, mode) if self.normaliser else x
 
 @patch
-def denormalize_sample(self: WellDataset, sample: dict) -> dict:
+def denormalise_sample(self: WellDataset, sample: dict) -> dict:
     "A copy of `sample` (or a collated batch) with its field entries back in physical units."
     out = dict(sample)
     for k, mode in (('input_fields', 'variable'), ('output_fields', 'variable'), ('constant_fields', 'constant')):
-        if k in out: out[k] = self.denormalize(out[k], mode)
+        if k in out: out[k] = self.denormalise(out[k], mode)
     return out
 
 # %% ../../nbs/02b_data.datasets.ipynb #6609de48
@@ -330,11 +330,11 @@ def sampler(self: WellMixture, num_samples: int | None = None, generator: torch.
     return WeightedRandomSampler(w, num_samples or len(self), replacement=True, generator=generator)
 
 @patch
-def denormalize(self: WellMixture, x: torch.Tensor, dataset_index: int, mode: str = 'variable') -> torch.Tensor:
+def denormalise(self: WellMixture, x: torch.Tensor, dataset_index: int, mode: str = 'variable') -> torch.Tensor:
     "Undo dataset `dataset_index`'s normalisation on union-channel tensors (missing channels stay as they are)."
     ds = self.datasets[dataset_index]
-    if ds.normalizer is None: return x
+    if ds.normaliser is None: return x
     attr = 'constant_field_names' if mode == 'constant' else 'field_names'
     idx = self.index[attr][dataset_index]; out = x.clone()
-    out[..., idx] = ds.normalizer.denormalize(x[..., idx], mode)
+    out[..., idx] = ds.normaliser.denormalise(x[..., idx], mode)
     return out

@@ -4,36 +4,31 @@
 
 # %% ../../nbs/02d_data.generate.ipynb #0b6c591c
 from __future__ import annotations
-import hashlib, json, math
+import json, math
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from ..core import Trajectories, progress
+from ..core import Trajectories, derive_seed, progress as progress_bar
 
 from .datasets import _h5_files
 from .stats import compute_stats, write_stats
 from .well import SPLITS, WellFormatError, _open, check_well_file, write_well
 
 # %% auto #0
-__all__ = ['derive_seed', 'split_counts', 'system_settings', 'write_dataset', 'generate_dataset']
+__all__ = ['split_counts', 'system_settings', 'write_dataset', 'generate_dataset']
 
 # %% ../../nbs/02d_data.generate.ipynb #7c8993f8
-def derive_seed(seed: int, *keys) -> int:
-    "A 31-bit seed from `seed` and keys (e.g. split name and file number), stable across runs and platforms."
-    h = hashlib.sha256('/'.join(map(str, (seed, *keys))).encode()).digest()
-    return int.from_bytes(h[:4], 'little') & 0x7FFFFFFF
-
-def split_counts(n_traj: int, splits: Sequence[float] = (0.8, 0.1, 0.1)) -> dict[str, int]:
+def split_counts(n_traj: int, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> dict[str, int]:
     "Trajectories per split; every split with a positive fraction gets at least one when possible."
-    if len(splits) != 3 or min(splits) < 0 or not math.isclose(sum(splits), 1.0, abs_tol=1e-6):
-        raise ValueError(f"splits={tuple(splits)} must be three fractions (train, valid, test) summing to 1")
-    n = [int(round(n_traj * s)) for s in splits[1:]]
-    n = [max(k, 1) if s > 0 and n_traj >= 3 else k for k, s in zip(n, splits[1:])]
+    if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise ValueError(f"fractions={tuple(fractions)} must be three fractions (train, valid, test) summing to 1")
+    n = [int(round(n_traj * s)) for s in fractions[1:]]
+    n = [max(k, 1) if s > 0 and n_traj >= 3 else k for k, s in zip(n, fractions[1:])]
     counts = [n_traj - sum(n), *n]
-    if counts[0] < (1 if splits[0] > 0 else 0): raise ValueError(f"n_traj={n_traj} is too small for splits={tuple(splits)}")
+    if counts[0] < (1 if fractions[0] > 0 else 0): raise ValueError(f"n_traj={n_traj} is too small for fractions={tuple(fractions)}")
     return dict(zip(SPLITS, counts))
 
 # %% ../../nbs/02d_data.generate.ipynb #53e64c3c
@@ -99,33 +94,33 @@ def generate_dataset(system,                       # a physnb System (has .name 
                      res: int = 64,                # grid points per axis
                      steps: int | None = None,     # saved frames per trajectory (None: the system's default)
                      seed: int = 0,                # master seed; file seeds derive from it
-                     device: str = 'cpu',
-                     splits: Sequence[float] = (0.8, 0.1, 0.1), # train/valid/test fractions
+                     device: str = 'auto',
+                     fractions: Sequence[float] = (0.8, 0.1, 0.1), # train/valid/test fractions of the trajectories
                      params: dict | None = None,   # fixed parameters passed to system.simulate
-                     split_name: str = 'id',       # parameter split of the system ('id', 'ood', ...)
+                     param_split: str = 'id',      # parameter split of the system ('id', 'ood', ...)
                      chunk: int | None = None,     # trajectories per file (default: one file per split)
-                     name: str | None = None,      # dataset folder name; default system.name (+ '_<split_name>' if not 'id')
-                     show_progress: bool = True,
+                     name: str | None = None,      # dataset folder name; default system.name (+ '_<param_split>' if not 'id')
+                     progress: bool = True,
                      **simulate_kw,                # passed on to system.simulate (e.g. ic=...)
                     ) -> dict:
     "Simulate `n_traj` trajectories into a Well dataset folder, resumably; returns {'root', 'files', 'stats', 'skipped'}."
-    name = name or (system.name if split_name == 'id' else f'{system.name}_{split_name}')
+    name = name or (system.name if param_split == 'id' else f'{system.name}_{param_split}')
     ds_root = Path(root) / name
-    counts = split_counts(n_traj, splits)
-    request = dict(res=res, steps=steps, param_split=split_name, system=type(system).__name__, settings=system_settings(system))
+    counts = split_counts(n_traj, fractions)
+    request = dict(res=res, steps=steps, param_split=param_split, system=type(system).__name__, settings=system_settings(system))
     jobs = _plan_files(name, ds_root, counts, chunk, seed, request, params, simulate_kw)
     planned = {p for *_, p in jobs}
     stale = [p for s in SPLITS for p in _h5_files(ds_root / 'data' / s) if p not in planned] if (ds_root / 'data').is_dir() else []
     if stale: raise ValueError(f"{ds_root} holds files this run would not write (another n_traj/chunk?): "
                                f"{[str(p) for p in stale[:5]]}; remove them or choose another root/name")
     files, skipped = {s: [] for s in counts if counts[s]}, []
-    bar = progress(total=n_traj, desc=name, unit='traj', disable=not show_progress)
+    bar = progress_bar(total=n_traj, desc=name, unit='traj', disable=not progress)
     for s, k, req, p in jobs:
         files[s].append(p)
         if _file_ok(p, req): skipped.append(p); bar.update(req['n_traj']); continue
         kw = {**simulate_kw, **({} if steps is None else {'steps': steps})}
-        traj = system.simulate(n_traj=req['n_traj'], res=res, seed=req['file_seed'], device=device, split=split_name,
-                               params=params, progress=show_progress, **kw)
+        traj = system.simulate(n_traj=req['n_traj'], res=res, seed=req['file_seed'], device=device, param_split=param_split,
+                               params=params, progress=progress, **kw)
         if traj.n_traj != req['n_traj']: raise ValueError(f"{system.name}.simulate returned {traj.n_traj} trajectories, asked for {req['n_traj']}")
         traj.attrs = {**traj.attrs, 'split': s, 'file_number': k, 'master_seed': seed, 'request': req}
         write_well(traj, p, dataset_name=name); bar.update(req['n_traj'])

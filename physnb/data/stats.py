@@ -11,12 +11,12 @@ import numpy as np
 import torch
 import yaml
 
-from ..core import atomic_write, progress
+from ..core import atomic_write, progress as progress_bar
 
 from .well import FIELD_GROUPS, WellFormatError, _blocks, _fail, _open, read_meta
 
 # %% auto #0
-__all__ = ['STATS_KEYS', 'compute_stats', 'write_stats', 'load_stats', 'Normalizer']
+__all__ = ['STATS_KEYS', 'compute_stats', 'write_stats', 'load_stats', 'Normaliser']
 
 # %% ../../nbs/02a_data.stats.ipynb #e9952391
 class _Moments:
@@ -41,11 +41,11 @@ def _shape_stat(v: np.ndarray, order: int, n_dims: int):
 # %% ../../nbs/02a_data.stats.ipynb #a5073f8d
 def compute_stats(paths: Sequence[str | Path],   # Well files (usually the train split)
                   block_elems: int = 2**22,      # max values read at once (per field, per trajectory)
-                  show_progress: bool = False,
+                  progress: bool = False,
                  ) -> dict:
     "Streamed mean/std/rms (+ `_delta` versions over one time step) per field over all `paths`."
     acc, dacc, layout = {}, {}, {}
-    for p in progress(list(paths), desc='stats', disable=not show_progress):
+    for p in progress_bar(list(paths), desc='stats', disable=not progress):
         with _open(p) as f:
             meta = read_meta(f, p); nd = len(meta.spatial_dims)
             for fd in meta.fields:
@@ -79,15 +79,15 @@ def write_stats(stats: dict, path: str | Path) -> Path:
 
 STATS_KEYS = {'zscore': ('mean', 'std', 'mean_delta', 'std_delta'), 'rms': ('rms', 'rms_delta')}
 
-def load_stats(path: str | Path, normalization: str | None = None) -> dict:
-    "Read a stats.yaml; with `normalization` check the keys it needs are there (clear error otherwise)."
+def load_stats(path: str | Path, normalisation: str | None = None) -> dict:
+    "Read a stats.yaml; with `normalisation` check the keys it needs are there (clear error otherwise)."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"{path}: stats file not found")
     stats = yaml.safe_load(path.read_text()) or {}
-    if normalization is not None:
-        if normalization not in STATS_KEYS: raise ValueError(f"normalization={normalization!r} is not one of None, 'zscore', 'rms'")
-        missing = [k for k in STATS_KEYS[normalization] if k not in stats]
-        if missing: raise WellFormatError(f"{path}: keys {missing} missing; normalization={normalization!r} needs {list(STATS_KEYS[normalization])}")
+    if normalisation is not None:
+        if normalisation not in STATS_KEYS: raise ValueError(f"normalisation={normalisation!r} is not one of None, 'zscore', 'rms'")
+        missing = [k for k in STATS_KEYS[normalisation] if k not in stats]
+        if missing: raise WellFormatError(f"{path}: keys {missing} missing; normalisation={normalisation!r} needs {list(STATS_KEYS[normalisation])}")
     return stats
 
 # %% ../../nbs/02a_data.stats.ipynb #39ebaa33
@@ -98,14 +98,14 @@ def _stat_vec(stats, key, field, order, n_dims, where) -> torch.Tensor:
         raise WellFormatError(f"{where}: {key}: field {field!r} has {v.numel()} values, expected {n_dims ** order}")
     return v.expand(n_dims ** order)
 
-class Normalizer:
+class Normaliser:
     "Per-channel z-score or rms normalisation from a stats dict, with its inverse."
     def __init__(self, stats: dict,           # as from `load_stats`
                  fields: Sequence[tuple],     # (name, order) of time-varying fields, channel order
                  constant_fields: Sequence[tuple] = (), # (name, order) of constant fields
                  n_dims: int = 2, kind: str = 'zscore', # 'zscore' | 'rms'
                  min_std: float = 1e-4, where: str = 'stats'):
-        if kind not in STATS_KEYS: raise ValueError(f"normalization={kind!r} is not one of 'zscore', 'rms'")
+        if kind not in STATS_KEYS: raise ValueError(f"normalisation={kind!r} is not one of 'zscore', 'rms'")
         self.kind = kind
         def vecs(items, key, delta=False):
             if not items: return torch.zeros(0)
@@ -117,9 +117,9 @@ class Normalizer:
         self.shift = {'variable': vecs(fields, shift) if shift else zero('variable'),
                       'constant': vecs(constant_fields, shift) if shift else zero('constant'),
                       'delta': vecs(fields, shift, True) if shift else zero('delta')}
-    def normalize(self, x: torch.Tensor, mode: str = 'variable') -> torch.Tensor:
+    def normalise(self, x: torch.Tensor, mode: str = 'variable') -> torch.Tensor:
         "x: (..., C) physical → normalised. mode: 'variable' | 'constant' | 'delta'."
         return (x - self.shift[mode].to(x)) / self.scale[mode].to(x)
-    def denormalize(self, x: torch.Tensor, mode: str = 'variable') -> torch.Tensor:
+    def denormalise(self, x: torch.Tensor, mode: str = 'variable') -> torch.Tensor:
         "x: (..., C) normalised → physical."
         return x * self.scale[mode].to(x) + self.shift[mode].to(x)

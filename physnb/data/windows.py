@@ -11,7 +11,7 @@ import torch
 from fastcore.basics import patch
 from torch.utils.data import Dataset, default_collate
 
-from ..core import Trajectories
+from ..core import Trajectories, derive_seed
 from .well import read_well
 from .datasets import WellDataset, WellMixture
 from ..sim.steady import MIXTURE_CHANNELS
@@ -23,7 +23,7 @@ __all__ = ['FieldWindows', 'resolve_channels', 'operator_inputs', 'SteadyPairs']
 # %% ../../nbs/02e_data.windows.ipynb #c1f660bf
 def _crop_origin(shape: tuple[int, int], crop: tuple[int, int], seed: int, index: int) -> tuple[int, int]:
     "Top-left corner of the crop of sample `index`: uniform, a pure function of `(seed, index)`."
-    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    g = torch.Generator().manual_seed(derive_seed(seed, 'crop', index))
     return tuple(int(torch.randint(n - c + 1, (), generator=g)) for n, c in zip(shape, crop))
 
 class FieldWindows(Dataset):
@@ -31,7 +31,7 @@ class FieldWindows(Dataset):
     def __init__(self, sources: str | Path | WellDataset | Sequence, # dataset root(s) ROOT/NAME, split folders, files, or WellDatasets
                  split: str | Sequence[str] | None = 'train', # split(s) of a dataset root, e.g. 'train' or ('valid', 'test'); None for files/folders
                  window: int = 8,                  # frames per window, T
-                 normalization: str | None = 'zscore', # None | 'zscore' | 'rms' (from stats.yaml)
+                 normalisation: str | None = 'zscore', # None | 'zscore' | 'rms' (from stats.yaml)
                  dt_stride: int = 1,               # frames between consecutive window frames
                  n_trajectories: int | float | None = None, # keep this many (or this fraction of) trajectories per dataset
                  crop: tuple[int, int] | None = None, # (H, W) window cut from each sample; needed when grids differ
@@ -43,7 +43,7 @@ class FieldWindows(Dataset):
         splits = [split] if split is None or isinstance(split, str) else list(split)
         self.datasets = [ds for s in items for ds in ([s] if isinstance(s, WellDataset) else
                          [WellDataset(s, split=sp, n_steps_input=window, n_steps_output=0, dt_stride=dt_stride,
-                                      normalization=normalization, n_trajectories=n_trajectories, seed=seed, return_grid=False)
+                                      normalisation=normalisation, n_trajectories=n_trajectories, seed=seed, return_grid=False)
                           for sp in splits])]
         self.mixture = WellMixture(self.datasets)
         self.window, self.seed = self.datasets[0].n_in, seed
@@ -107,11 +107,11 @@ class FieldWindows(Dataset):
         idx = range(len(self)) if n is None or n >= len(self) else torch.linspace(0, len(self) - 1, n).round().long().tolist()
         return torch.stack([self[i]['fields'] for i in idx])
 
-    def denormalize(self, fields: torch.Tensor,  # (..., C, H, W) normalised, on `field_names`
+    def denormalise(self, fields: torch.Tensor,  # (..., C, H, W) normalised, on `field_names`
                     dataset_index: int,          # which dataset the sample came from
                    ) -> torch.Tensor:
         "Back to physical units (channels the dataset lacks are left as they are)."
-        return self.mixture.denormalize(fields.movedim(-3, -1), dataset_index).movedim(-1, -3)
+        return self.mixture.denormalise(fields.movedim(-3, -1), dataset_index).movedim(-1, -3)
 
 # %% ../../nbs/02e_data.windows.ipynb #db202764
 def _family(traj: Trajectories) -> str:

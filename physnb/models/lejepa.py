@@ -4,7 +4,7 @@
 
 # %% ../../nbs/09_models.lejepa.ipynb #83f971e6
 from __future__ import annotations
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.generate import derive_seed
+from ..core import derive_seed
 from .sigreg import SIGReg
 
 # %% auto #0
@@ -274,7 +274,7 @@ class LeJEPA(nn.Module):
                  field_names: Sequence[str]):       # channel names of the data (vector signs under flips)
         super().__init__()
         self.config, self.field_names = config, list(field_names)
-        enc = EncoderConfig(**{**asdict(config.encoder), 'in_channels': len(self.field_names) * config.views.frames})
+        enc = replace(config.encoder, in_channels=len(self.field_names) * config.views.frames)
         self.encoder = Encoder(enc)
         self.projector = projector(enc.embed_dim, config.proj_hidden, config.proj_dim, config.proj_layers)
         self.views = PhysicsViews(config.views, self.field_names, config.seed)

@@ -5,7 +5,7 @@
 # %% ../../nbs/03_models.tokeniser.ipynb #d5f13abc
 from __future__ import annotations
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, replace
 from numbers import Integral
 from typing import NamedTuple, Sequence
 
@@ -69,7 +69,7 @@ def _names(xs): return ', '.join(repr(x) for x in xs)
 @dataclass
 class TokeniserConfig:
     "Everything that fixes the tokeniser's weights; the compression is not in here, it is chosen per call."
-    fields: Sequence[str]                        # channel names the field-wise projections know, e.g. ['A', 'B', 'vorticity']
+    field_names: Sequence[str]                   # channel names the field-wise projections know, e.g. ['A', 'B', 'vorticity']
     width: int = 64                              # trunk channels
     latent: int = 16                             # channels per token (the code size)
     embed: int | None = None                     # channels of the field-wise projection; default width // 4 (at least groups)
@@ -82,11 +82,11 @@ class TokeniserConfig:
     padding_mode: str = 'circular'               # 'circular' for periodic fields | 'zeros' | 'replicate'
 
     def __post_init__(self):
-        if isinstance(self.fields, str) or not all(isinstance(f, str) and f for f in self.fields) or not len(self.fields):
-            raise ValueError(f"fields={self.fields!r} must be a non-empty sequence of channel names (strings)")
-        if len(set(self.fields)) != len(self.fields):
-            raise ValueError(f"fields={list(self.fields)!r} has repeated names: {_names(sorted({f for f in self.fields if list(self.fields).count(f) > 1}))}")
-        self.fields = list(self.fields)
+        if isinstance(self.field_names, str) or not all(isinstance(f, str) and f for f in self.field_names) or not len(self.field_names):
+            raise ValueError(f"field_names={self.field_names!r} must be a non-empty sequence of channel names (strings)")
+        if len(set(self.field_names)) != len(self.field_names):
+            raise ValueError(f"field_names={list(self.field_names)!r} has repeated names: {_names(sorted({f for f in self.field_names if list(self.field_names).count(f) > 1}))}")
+        self.field_names = list(self.field_names)
         for name in ('width', 'latent', 'groups'):
             v = getattr(self, name)
             if not _is_int(v) or v < 1: raise ValueError(f"{name}={v!r} must be an int >= 1")
@@ -236,7 +236,7 @@ class Tokeniser(nn.Module):
         self.config = c = config
         stage = dict(norm=c.norm, groups=c.groups, padding_mode=c.padding_mode)
         (k1, k2), (kt1, kt2) = c.spatial_kernels, c.temporal_kernels
-        self.field_in = nn.Parameter(torch.randn(len(c.fields), c.embed) / math.sqrt(c.embed))   # one vector per channel name
+        self.field_in = nn.Parameter(torch.randn(len(c.field_names), c.embed) / math.sqrt(c.embed))   # one vector per channel name
         self.encoder = nn.ModuleList([DownStage(c.embed, c.width, (kt1, k1), **stage),
                                       DownStage(c.width, c.width, (kt2, k2), **stage)])
         self.to_latent = nn.Conv3d(c.width, c.latent, 1)
@@ -244,20 +244,20 @@ class Tokeniser(nn.Module):
         (s1, s2) = SPATIAL_STAGE_STRIDES[8]                                # decoder gain: unit at the 8x1 level, see `decoder_gains`
         self.decoder = nn.ModuleList([UpStage(c.width, c.width, (kt2, k2), gain=overlaps((kt2, k2), (1, s2)), **stage),
                                       UpStage(c.width, c.embed, (kt1, k1), gain=overlaps((kt1, k1), (1, s1)), **stage)])
-        self.field_out = nn.Parameter(torch.randn(len(c.fields), c.embed) / math.sqrt(c.embed))  # one row per channel name
-        self.field_out_bias = nn.Parameter(torch.zeros(len(c.fields)))
-        self._index = {name: i for i, name in enumerate(c.fields)}
+        self.field_out = nn.Parameter(torch.randn(len(c.field_names), c.embed) / math.sqrt(c.embed))  # one row per channel name
+        self.field_out_bias = nn.Parameter(torch.zeros(len(c.field_names)))
+        self._index = {name: i for i, name in enumerate(c.field_names)}
 
     @property
-    def fields(self) -> list[str]: return list(self.config.fields)
+    def field_names(self) -> list[str]: return list(self.config.field_names)
 
-    def field_index(self, fields: Sequence[str]) -> list[int]:
+    def field_index(self, field_names: Sequence[str]) -> list[int]:
         "Rows of the field tables for these channel names (clear error on unknown or repeated names)."
-        if isinstance(fields, str): fields = [fields]
-        unknown = [f for f in fields if f not in self._index]
-        if unknown: raise ValueError(f"fields {_names(unknown)} are not known to this tokeniser; known: {_names(self.config.fields)}")
-        if len(set(fields)) != len(fields): raise ValueError(f"fields={list(fields)!r} repeats a name")
-        return [self._index[f] for f in fields]
+        if isinstance(field_names, str): field_names = [field_names]
+        unknown = [f for f in field_names if f not in self._index]
+        if unknown: raise ValueError(f"fields {_names(unknown)} are not known to this tokeniser; known: {_names(self.config.field_names)}")
+        if len(set(field_names)) != len(field_names): raise ValueError(f"field_names={list(field_names)!r} repeats a name")
+        return [self._index[f] for f in field_names]
 
     def stage_strides(self, compression) -> tuple:
         "`((st1, ss1), (st2, ss2))`: time and space stride of stage 1 and stage 2 for a level."
@@ -323,7 +323,7 @@ def compression_table(self: Tokeniser,
                      ) -> list[dict]:
     "One row per configured level: token grid, token count and ratio = input values / token values (None where it does not fit)."
     T, H, W = _thw(shape)
-    C = channels or (shape[1] if len(shape) == 4 else len(self.config.fields))
+    C = channels or (shape[1] if len(shape) == 4 else len(self.config.field_names))
     rows = []
     for comp in self.config.levels:
         fits = comp in self.allowed_compressions(shape)
@@ -337,15 +337,15 @@ def compression_table(self: Tokeniser,
 @patch
 def encode(self: Tokeniser,
            x: torch.Tensor,                    # (B, T, C, H, W) fields
-           fields: Sequence[str],              # names of x's C channels (any subset/order of config.fields)
+           field_names: Sequence[str],         # names of x's C channels (any subset/order of config.field_names)
            compression=(8, 1),                 # (spatial, temporal), Compression or '8x2'
            channel_mask: torch.Tensor | None = None, # (B, C) bool: False = channel absent in this sample (ignored)
           ) -> torch.Tensor:
     "Fields to tokens `(B, T/temporal, latent, H/spatial, W/spatial)`."
     if x.ndim != 5: raise ValueError(f"x has shape {tuple(x.shape)}; expected (B, T, C, H, W)")
     B, T, C, H, W = x.shape
-    idx = self.field_index(fields)
-    if len(idx) != C: raise ValueError(f"x has C={C} channels but fields names {len(idx)}: {list(fields)!r}")
+    idx = self.field_index(field_names)
+    if len(idx) != C: raise ValueError(f"x has C={C} channels but field_names has {len(idx)}: {list(field_names)!r}")
     self.check_compression((T, H, W), compression)
     (stage1, stage2) = self.stage_strides(compression)
     if channel_mask is not None:
@@ -360,14 +360,14 @@ def encode(self: Tokeniser,
 @patch
 def decode(self: Tokeniser,
            tokens: torch.Tensor,               # (B, T', latent, H', W')
-           fields: Sequence[str],              # channels to emit (any subset/order of config.fields)
+           field_names: Sequence[str],         # channels to emit (any subset/order of config.field_names)
            compression=(8, 1),                 # the level the tokens were made at
            size: tuple | None = None,          # optional (H, W) or (T, H, W) expected out; checked, never guessed
           ) -> torch.Tensor:
-    "Tokens to fields `(B, T'·temporal, C, H'·spatial, W'·spatial)` for the requested `fields`."
+    "Tokens to fields `(B, T'·temporal, C, H'·spatial, W'·spatial)` for the requested `field_names`."
     if tokens.ndim != 5 or tokens.shape[2] != self.config.latent:
         raise ValueError(f"tokens have shape {tuple(tokens.shape)}; expected (B, T', latent={self.config.latent}, H', W')")
-    idx = self.field_index(fields)
+    idx = self.field_index(field_names)
     s, t = comp = as_compression(compression)
     B, Tt, D, h, w = tokens.shape
     out = (Tt * t, h * s, w * s)
@@ -385,34 +385,34 @@ def decode(self: Tokeniser,
 @patch
 def forward(self: Tokeniser,
             x: torch.Tensor,                    # (B, T, C, H, W)
-            fields: Sequence[str],              # names of x's channels
+            field_names: Sequence[str],         # names of x's channels
             compression=(8, 1),                 # (spatial, temporal)
             channel_mask: torch.Tensor | None = None, # (B, C) bool
            ) -> torch.Tensor:
     "Encode then decode: the reconstruction `(B, T, C, H, W)` of the same fields."
-    tokens = self.encode(x, fields, compression, channel_mask)
-    return self.decode(tokens, fields, compression, size=x.shape[-2:])
+    tokens = self.encode(x, field_names, compression, channel_mask)
+    return self.decode(tokens, field_names, compression, size=x.shape[-2:])
 
 # %% ../../nbs/03_models.tokeniser.ipynb #efc770b7
 @patch
 def parameter_groups(self: Tokeniser) -> dict[str, list[nn.Parameter]]:
     "`{'fields': field tables, 'norms': norm affines, 'trunk': conv weights and biases}`: every parameter exactly once."
-    fields = [self.field_in, self.field_out, self.field_out_bias]
+    tables = [self.field_in, self.field_out, self.field_out_bias]
     norms = [p for m in self.modules() if isinstance(m, FrameNorm) for p in m.parameters()]
-    seen = {id(p) for p in fields + norms}
-    return dict(fields=fields, norms=norms, trunk=[p for p in self.parameters() if id(p) not in seen])
+    seen = {id(p) for p in tables + norms}
+    return dict(fields=tables, norms=norms, trunk=[p for p in self.parameters() if id(p) not in seen])
 
 @patch
 def with_fields(self: Tokeniser,
-                fields: Sequence[str], # channel names to add (names already known are kept as they are)
+                field_names: Sequence[str], # channel names to add (names already known are kept as they are)
                ) -> Tokeniser:
-    "A copy of this tokeniser whose field tables also know `fields` (new rows freshly initialised)."
-    new = [f for f in fields if f not in self._index]
-    config = TokeniserConfig(**{**asdict(self.config), 'fields': self.fields + new})
+    "A copy of this tokeniser whose field tables also know `field_names` (new rows freshly initialised)."
+    new = [f for f in field_names if f not in self._index]
+    config = replace(self.config, field_names=self.field_names + new)
     other = Tokeniser(config).to(device=self.field_in.device, dtype=self.field_in.dtype)
     state = {k: v for k, v in self.state_dict().items() if not k.startswith('field_')}
     other.load_state_dict(state, strict=False)
-    n = len(self.fields)
+    n = len(self.field_names)
     with torch.no_grad():
         for name in ('field_in', 'field_out', 'field_out_bias'): getattr(other, name)[:n] = getattr(self, name)
     return other
@@ -432,7 +432,9 @@ def load_tokeniser(path,                    # a file written by `save_tokeniser`
     parts = load_checkpoint(path, map_location)
     if 'config' not in parts or 'model' not in parts:
         raise ValueError(f"{str(path)!r} holds parts {sorted(parts)}, not a tokeniser (needs 'config' and 'model')")
-    tok = Tokeniser(TokeniserConfig(**parts['config'])).to(map_location)
+    config = dict(parts['config'])
+    if 'fields' in config: config['field_names'] = config.pop('fields')    # written before the name was field_names
+    tok = Tokeniser(TokeniserConfig(**config)).to(map_location)
     tok.load_state_dict(parts['model'])
     return tok
 

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 from fastcore.basics import patch
-from ..core import Trajectories, progress, get_device
+from ..core import Trajectories, progress as progress_bar, get_device
 
 
 # %% auto #0
@@ -173,7 +173,7 @@ class Param:
 
 # %% ../../nbs/01_sim.pdes.ipynb #7ad7a22b
 def _draw(spec, n, generator):
-    "Draw n values from a split entry: a `Param` range or a tuple of discrete values."
+    "Draw n values from a param_split entry: a `Param` range or a tuple of discrete values."
     if isinstance(spec, Param): return spec.sample(n, generator)
     values = torch.as_tensor(list(spec), dtype=torch.float64)
     return values[torch.randint(len(values), (n,), generator=generator)]
@@ -183,13 +183,13 @@ class System:
     "A periodic 2-D PDE family with named parameters, splits and IC families; `simulate` returns `Trajectories`."
     name: str = 'system'
     params: dict[str, Param] = {}          # name -> allowed range
-    splits: dict[str, dict] = {}           # split name -> {param name: Param | tuple of values}
+    param_splits: dict[str, dict] = {}     # parameter split name -> {param name: Param | tuple of values}
     ic_families: tuple[str, ...] = ()      # initial-condition families, the first is the default
 
-    def check_split(self, split: str) -> dict:
-        if split not in self.splits:
-            raise ValueError(f"split={split!r} is not one of {', '.join(map(repr, self.splits))} for system {self.name!r}")
-        return self.splits[split]
+    def check_param_split(self, param_split: str) -> dict:
+        if param_split not in self.param_splits:
+            raise ValueError(f"param_split={param_split!r} is not one of {', '.join(map(repr, self.param_splits))} for system {self.name!r}")
+        return self.param_splits[param_split]
 
     def check_ic(self, ic: str | None) -> str:
         ic = self.ic_families[0] if ic is None else ic
@@ -197,27 +197,27 @@ class System:
             raise ValueError(f"ic={ic!r} is not one of {', '.join(map(repr, self.ic_families))} for system {self.name!r}")
         return ic
 
-    def simulate(self, n_traj: int, res: int = 64, steps: int | None = None, seed: int = 0, device: str = 'cpu',
-                 dtype: torch.dtype = torch.float32, split: str = 'id', params: dict | None = None,
+    def simulate(self, n_traj: int, res: int = 64, steps: int | None = None, seed: int = 0, device: str = 'auto',
+                 dtype: torch.dtype = torch.float32, param_split: str = 'id', params: dict | None = None,
                  ic: str | None = None, progress: bool = True) -> Trajectories:
         raise NotImplementedError(f"{type(self).__name__}.simulate")
 
     def __repr__(self):
         return (f"{type(self).__name__}(name={self.name!r}, params={list(self.params)}, "
-                f"ic_families={self.ic_families}, splits={list(self.splits)})")
+                f"ic_families={self.ic_families}, param_splits={list(self.param_splits)})")
 
 # %% ../../nbs/01_sim.pdes.ipynb #a07c200a
 @patch
-def sample_params(self: System, n: int, split: str = 'id', generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    "Draw `n` parameter sets from `split`: name -> (n,) float64."
-    spec = self.check_split(split)
+def sample_params(self: System, n: int, param_split: str = 'id', generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    "Draw `n` parameter sets from `param_split`: name -> (n,) float64."
+    spec = self.check_param_split(param_split)
     return {name: _draw(spec.get(name, p), n, generator) for name, p in self.params.items()}
 
 @patch
-def resolve_params(self: System, n: int, split: str = 'id', params: dict | None = None,
+def resolve_params(self: System, n: int, param_split: str = 'id', params: dict | None = None,
                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    "Sample from `split`, then override with user `params` (scalars or (n,) values), checked against the ranges."
-    out = self.sample_params(n, split, generator)
+    "Sample from `param_split`, then override with user `params` (scalars or (n,) values), checked against the ranges."
+    out = self.sample_params(n, param_split, generator)
     for name, v in (params or {}).items():
         if name not in self.params:
             raise ValueError(f"param {name!r} is not one of {', '.join(map(repr, self.params))} for system {self.name!r}")
@@ -235,12 +235,12 @@ def rollout(step: Callable,            # state -> state, one internal time step
             save_every: int,           # internal steps per saved frame
             observe: Callable,         # state -> dict of (B, ...) tensors to save
             desc: str | None = None,   # progress-bar label
-            show_progress: bool = True,
+            progress: bool = True,
             before_save: Callable | None = None,  # optional hook `state -> state` run before each save interval (e.g. CFL check)
            ) -> tuple[dict[str, torch.Tensor], object]:  # ({name: (B, n_frames+1, ...)}, final state)
     "Advance `state` for `n_frames·save_every` steps, stacking `observe(state)` at t=0 and every `save_every` steps."
     frames = [observe(state)]
-    for i in progress(range(n_frames), desc=desc, disable=not show_progress):
+    for i in progress_bar(range(n_frames), desc=desc, disable=not progress):
         if before_save is not None: state = before_save(state)
         for _ in range(save_every): state = step(state)
         obs = observe(state)
@@ -304,7 +304,7 @@ class GrayScott(System):
     params = {'F': Param(0.01, 0.1, doc='feed rate of A (1/time)'),
               'k': Param(0.045, 0.07, doc='kill rate of B (1/time)')}
     regimes = GRAY_SCOTT_REGIMES
-    splits = {'id': {'regime': ('gliders', 'bubbles', 'maze', 'worms')},
+    param_splits = {'id': {'regime': ('gliders', 'bubbles', 'maze', 'worms')},
               'ood': {'regime': ('spirals', 'spots')},
               'all': {'regime': tuple(GRAY_SCOTT_REGIMES)}}
     ic_families = ('gaussians', 'fourier')
@@ -323,9 +323,9 @@ class GrayScott(System):
         self.delta_a, self.delta_b, self.length, self.dt, self.save_every = delta_a, delta_b, length, dt, save_every
         self.dealias, self.dealias_rule, self.max_rate_dt = dealias, dealias_rule, max_rate_dt
 
-    def sample_params(self, n, split='id', generator=None):
-        spec = self.check_split(split)
-        if 'regime' not in spec: return super().sample_params(n, split, generator)
+    def sample_params(self, n, param_split='id', generator=None):
+        spec = self.check_param_split(param_split)
+        if 'regime' not in spec: return super().sample_params(n, param_split, generator)
         names = spec['regime']
         Fk = torch.tensor([self.regimes[r] for r in names], dtype=torch.float64)[torch.randint(len(names), (n,), generator=generator)]
         return {'F': Fk[:, 0].clone(), 'k': Fk[:, 1].clone()}
@@ -390,12 +390,12 @@ def max_rate(self: GrayScott, state: torch.Tensor, F: torch.Tensor, k: torch.Ten
 
 # %% ../../nbs/01_sim.pdes.ipynb #af5117b7
 @patch
-def simulate(self: GrayScott, n_traj: int, res: int = 64, steps: int = 100, seed: int = 0, device: str = 'cpu',
-             dtype: torch.dtype = torch.float32, split: str = 'id', params: dict | None = None,
+def simulate(self: GrayScott, n_traj: int, res: int = 64, steps: int = 100, seed: int = 0, device: str = 'auto',
+             dtype: torch.dtype = torch.float32, param_split: str = 'id', params: dict | None = None,
              ic: str | None = None, progress: bool = True) -> Trajectories:
     "`n_traj` trajectories of `steps` saved frames after t=0 (every `save_every·dt`); ic=None alternates the two families."
     gen = torch.Generator().manual_seed(seed)
-    p = self.resolve_params(n_traj, split, params, gen)
+    p = self.resolve_params(n_traj, param_split, params, gen)
     ics = [self.ic_families[i % 2] for i in range(n_traj)] if ic is None else [self.check_ic(ic)] * n_traj
     grid = self.grid(res, get_device(device), dtype)
     state0 = self.initial_condition(self.grid(res), p['F'], p['k'], ics, gen)      # built on the CPU in float64
@@ -411,13 +411,13 @@ def simulate(self: GrayScott, n_traj: int, res: int = 64, steps: int = 100, seed
         return uh
     def observe(uh): return {'A': grid.ifft(uh[:, 0]), 'B': grid.ifft(uh[:, 1])}
     frames, _ = rollout(stepper.step, grid.fft(state0.to(grid.device, dtype)), steps, self.save_every, observe,
-                        desc=f'gray_scott {split}', show_progress=progress, before_save=guard)
+                        desc=f'gray_scott {param_split}', progress=progress, before_save=guard)
     return Trajectories(
         name=self.name, fields=frames,
         time=torch.arange(steps + 1, dtype=dtype, device=grid.device) * (self.dt * self.save_every),
         coords={'x': grid.x, 'y': grid.y}, scalars={'F': F, 'k': k},
         bcs={'x': 'periodic', 'y': 'periodic'},
-        attrs=dict(system=self.name, split=split, seed=seed, ic=ics, dt=self.dt, save_every=self.save_every,
+        attrs=dict(system=self.name, param_split=param_split, seed=seed, ic=ics, dt=self.dt, save_every=self.save_every,
                    regime=[self.regime_of(float(f), float(kk)) for f, kk in zip(p['F'], p['k'])],
                    delta_a=self.delta_a, delta_b=self.delta_b, solver='ETDRK4 Fourier pseudo-spectral',
                    dealias=self.dealias, dealias_rule=self.dealias_rule)).validate()
@@ -443,7 +443,7 @@ class NavierStokes2D(System):
     name = 'ns2d'
     params = {'Reynolds': Param(50., 2e4, log=True, doc='Re = U·Lx/ν with U = 1 and Lx the box length (1 for shear, 2π otherwise)'),
               'Schmidt': Param(0.1, 10., log=True, doc='Sc = ν/D, D the tracer diffusivity')}
-    splits = {'id': {'Reynolds': (500., 1000., 2000.), 'Schmidt': (0.5, 1., 2.)},
+    param_splits = {'id': {'Reynolds': (500., 1000., 2000.), 'Schmidt': (0.5, 1., 2.)},
               'ood': {'Reynolds': (4000., 8000.), 'Schmidt': (0.2, 5.)}}
     ic_families = ('shear', 'kolmogorov', 'decaying')
     fields = ('tracer', 'pressure', 'vorticity', 'velocity')
@@ -546,13 +546,13 @@ def pressure(self: NavierStokes2D, grid: SpectralGrid2D, velocity: torch.Tensor)
 
 # %% ../../nbs/01_sim.pdes.ipynb #ab6dbcbf
 @patch
-def simulate(self: NavierStokes2D, n_traj: int, res: int = 64, steps: int = 50, seed: int = 0, device: str = 'cpu',
-             dtype: torch.dtype = torch.float32, split: str = 'id', params: dict | None = None,
+def simulate(self: NavierStokes2D, n_traj: int, res: int = 64, steps: int = 50, seed: int = 0, device: str = 'auto',
+             dtype: torch.dtype = torch.float32, param_split: str = 'id', params: dict | None = None,
              ic: str | None = None, progress: bool = True) -> Trajectories:
     "`n_traj` trajectories of `steps` saved frames after t=0 (every `save_dt[ic]`), adaptive CFL substeps in between."
     ic = self.check_ic(ic)
     gen = torch.Generator().manual_seed(seed)
-    p = self.resolve_params(n_traj, split, params, gen)
+    p = self.resolve_params(n_traj, param_split, params, gen)
     grid = self.grid(res, ic, get_device(device), dtype)
     nu = grid.lx / p['Reynolds']                                         # Re = U·Lx/ν with U = 1
     D = nu / p['Schmidt']
@@ -573,13 +573,13 @@ def simulate(self: NavierStokes2D, n_traj: int, res: int = 64, steps: int = 50, 
         return {'tracer': grid.ifft(uh[:, 1]), 'pressure': self.pressure(grid, vel),
                 'vorticity': grid.ifft(uh[:, 0]), 'velocity': vel}
     state0 = grid.fft(torch.stack([vorticity, tracer], 1).to(grid.device, dtype))
-    frames, _ = rollout(advance, state0, steps, 1, observe, desc=f'ns2d {ic} {split}', show_progress=progress)
+    frames, _ = rollout(advance, state0, steps, 1, observe, desc=f'ns2d {ic} {param_split}', progress=progress)
     return Trajectories(
         name=self.name, fields=frames, time=torch.arange(steps + 1, dtype=dtype, device=grid.device) * save_dt,
         coords={'x': grid.x, 'y': grid.y},
         scalars={'Reynolds': p['Reynolds'].to(grid.device, dtype), 'Schmidt': p['Schmidt'].to(grid.device, dtype)},
         bcs={'x': 'periodic', 'y': 'periodic'},
-        attrs=dict(system=self.name, split=split, seed=seed, ic=ic, save_dt=save_dt, cfl=self.cfl,
+        attrs=dict(system=self.name, param_split=param_split, seed=seed, ic=ic, save_dt=save_dt, cfl=self.cfl,
                    dt_min=save_dt / max(substeps, default=1), dt_max=save_dt / min(substeps, default=1),
                    drag=drag, forcing=(f'{self.forcing_amplitude}*sin({self.forcing_wavenumber}y) x' if forcing is not None else 'none'),
                    solver='ETDRK4 Fourier pseudo-spectral, vorticity-streamfunction',

@@ -218,9 +218,9 @@ class SteadySystem(System):
 
 # %% ../../nbs/01b_sim.steady.ipynb #1c1d5a48
 @patch
-def _chunk(self: SteadySystem, n, res, generator, device, split, params, fixed):
+def _chunk(self: SteadySystem, n, res, generator, device, param_split, params, fixed):
     "Draw, solve and (if the family rejects samples) redraw a chunk of `n` samples."
-    draws = self.resolve_params(n, split, params, generator)
+    draws = self.resolve_params(n, param_split, params, generator)
     source, void_fraction = sample_sources(n, res, generator, self.zero_mean_source, device)
     u, coefficients, extra = self._solve(source, {k: v.to(device) for k, v in draws.items()})
     for attempt in range(MAX_REDRAWS + 1):
@@ -228,9 +228,9 @@ def _chunk(self: SteadySystem, n, res, generator, device, split, params, fixed):
         if not bad.any(): break
         if attempt == MAX_REDRAWS:
             raise RuntimeError(f"{self.name}: {int(bad.sum())} samples were still rejected after {MAX_REDRAWS} redraws; "
-                               f"the parameters {params} may sit on a resonance — pick other values or another split")
+                               f"the parameters {params} may sit on a resonance — pick other values or another param_split")
         idx = bad.nonzero().flatten()
-        redraw = self.sample_params(len(idx), split, generator)
+        redraw = self.sample_params(len(idx), param_split, generator)
         redraw.update({k: draws[k][idx.cpu()] for k in fixed})    # parameters the user fixed stay fixed
         new_source, _ = sample_sources(len(idx), res, generator, self.zero_mean_source, device, void_fraction[idx.cpu()])
         new_u, new_coefficients, new_extra = self._solve(new_source, {k: v.to(device) for k, v in redraw.items()})
@@ -243,21 +243,21 @@ def _chunk(self: SteadySystem, n, res, generator, device, split, params, fixed):
 
 # %% ../../nbs/01b_sim.steady.ipynb #d7e3c908
 @patch
-def simulate(self: SteadySystem, n_traj: int, res: int = 64, steps: int | None = None, seed: int = 0, device: str = 'cpu',
-             dtype: torch.dtype = torch.float32, split: str = 'id', params: dict | None = None,
+def simulate(self: SteadySystem, n_traj: int, res: int = 64, steps: int | None = None, seed: int = 0, device: str = 'auto',
+             dtype: torch.dtype = torch.float32, param_split: str = 'id', params: dict | None = None,
              ic: str | None = None, progress: bool = True) -> Trajectories:
-    "Draw `n_traj` sources and coefficients from `split` and solve exactly; `steps` is ignored (steady, T = 1)."
-    self.check_ic(ic); self.check_split(split)
+    "Draw `n_traj` sources and coefficients from `param_split` and solve exactly; `steps` is ignored (steady, T = 1)."
+    self.check_ic(ic); self.check_param_split(param_split)
     device = get_device(device)
     generator = torch.Generator().manual_seed(seed)
     fixed = tuple(params or {})
-    if fixed: self.resolve_params(1, split, {k: torch.as_tensor(v).flatten()[:1] for k, v in params.items()})  # validate early
+    if fixed: self.resolve_params(1, param_split, {k: torch.as_tensor(v).flatten()[:1] for k, v in params.items()})  # validate early
     sources, solutions, scalars = [], [], []
     starts = range(0, n_traj, CHUNK)
     for start in progress_bar(starts, desc=f'{self.name} {res}²', disable=not progress or len(starts) == 1):
         n = min(CHUNK, n_traj - start)
         chunk_params = None if params is None else {k: _slice_param(v, start, n, n_traj) for k, v in params.items()}
-        s, u, sc = self._chunk(n, res, generator, device, split, chunk_params, fixed)
+        s, u, sc = self._chunk(n, res, generator, device, param_split, chunk_params, fixed)
         sources.append(s); solutions.append(u); scalars.append(sc)
     x = torch.arange(res, dtype=torch.float64) / res
     traj = Trajectories(
@@ -267,7 +267,7 @@ def simulate(self: SteadySystem, n_traj: int, res: int = 64, steps: int | None =
         coords={'x': x.to(device, dtype), 'y': x.to(device, dtype)},
         scalars={k: torch.cat([sc[k] for sc in scalars]).to(dtype) for k in scalars[0]},
         bcs={'x': 'periodic', 'y': 'periodic'},
-        attrs=dict(system=self.name, split=split, seed=seed, ic='gaussian_lattice', res=res,
+        attrs=dict(system=self.name, param_split=param_split, seed=seed, ic='gaussian_lattice', res=res,
                    solver='exact Fourier division (float64)', equation=self.equation,
                    input_channels=list(self.input_channels)))
     return traj.validate()
@@ -289,7 +289,7 @@ class PoissonSystem(SteadySystem):
     equation = '-div(K grad u) = f, K = 0.01 R(angle)^T diag(1, eigen_ratio) R(angle)'
     params = {'eigen_ratio': Param(1., 50., doc='e, ratio of the diffusion tensor eigenvalues (anisotropy)'),
               'angle': Param(0., _TWO_PI, doc='θ, rotation of the diffusion tensor eigenvectors [rad]')}
-    splits = {'pretrain': {'eigen_ratio': Param(1., 5.)}, 'id': {'eigen_ratio': Param(1., 5.)},
+    param_splits = {'pretrain': {'eigen_ratio': Param(1., 5.)}, 'id': {'eigen_ratio': Param(1., 5.)},
               'ood_e5_10': {'eigen_ratio': Param(5., 10.)}, 'ood_e10_20': {'eigen_ratio': Param(10., 20.)},
               'ood': {'eigen_ratio': Param(5., 10.)}}
     input_channels = ('source', 'K11', 'K22', 'K12')
@@ -305,7 +305,7 @@ class AdvectionDiffusionSystem(SteadySystem):
               'eigen_ratio': Param(1., 5., doc='e, ratio of the diffusion tensor eigenvalues (fixed range in the paper)'),
               'angle': Param(0., _TWO_PI, doc='θ, rotation of the diffusion tensor eigenvectors [rad]'),
               'velocity_angle': Param(0., _TWO_PI, doc='φ, direction of the unit velocity [rad]')}
-    splits = {'pretrain': {'psi': Param(0.2, 1.)}, 'id': {'psi': Param(0.2, 1.)},
+    param_splits = {'pretrain': {'psi': Param(0.2, 1.)}, 'id': {'psi': Param(0.2, 1.)},
               'ood_psi1_5': {'psi': Param(1., 5.)}, 'ood': {'psi': Param(1., 5.)}}
     input_channels = ('source', 'K11', 'K22', 'K12', 'v1', 'v2')
 
@@ -330,7 +330,7 @@ class HelmholtzSystem(SteadySystem):
     equation = '-0.01 laplace(u) - omega u = f'
     zero_mean_source = False
     params = {'omega': Param(1., 100., doc='ω, the (integer) Helmholtz shift; resonance near 0.04π²|m|²')}
-    splits = {'pretrain': {'omega': tuple(range(1, 11))}, 'id': {'omega': tuple(range(1, 11))},
+    param_splits = {'pretrain': {'omega': tuple(range(1, 11))}, 'id': {'omega': tuple(range(1, 11))},
               'ood_omega10_20': {'omega': tuple(range(10, 21))}, 'ood_omega5_15': {'omega': tuple(range(5, 16))},
               'ood': {'omega': tuple(range(10, 21))}}
     input_channels = ('source', 'K11', 'omega')

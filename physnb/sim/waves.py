@@ -152,7 +152,7 @@ class ShallowWater(System):
     name = 'shallow_water'
     params = {'coriolis': Param(0., 8., doc='Coriolis frequency f (1/time); deformation radius √(gH)/f'),
               'amplitude': Param(0.01, 0.5, doc='initial size: the larger of max|h|/H and max|u|/√(gH) at t = 0')}
-    splits = {'id': {'coriolis': Param(0., 2.), 'amplitude': Param(0.05, 0.2)},
+    param_splits = {'id': {'coriolis': Param(0., 2.), 'amplitude': Param(0.05, 0.2)},
               'ood': {'coriolis': Param(4., 8.), 'amplitude': Param(0.05, 0.2)},
               'ood_amplitude': {'coriolis': Param(0., 2.), 'amplitude': Param(0.3, 0.4)}}
     ic_families = ('gravity_waves', 'geostrophic_adjustment', 'balanced_vortices')
@@ -224,12 +224,12 @@ def initial_condition(self: ShallowWater, grid: SpectralGrid2D, coriolis: torch.
 
 # %% ../../nbs/01a_sim.waves.ipynb #9c97ba56
 @patch
-def simulate(self: ShallowWater, n_traj: int, res: int = 64, steps: int = 50, seed: int = 0, device: str = 'cpu',
-             dtype: torch.dtype = torch.float32, split: str = 'id', params: dict | None = None,
+def simulate(self: ShallowWater, n_traj: int, res: int = 64, steps: int = 50, seed: int = 0, device: str = 'auto',
+             dtype: torch.dtype = torch.float32, param_split: str = 'id', params: dict | None = None,
              ic: str | None = None, progress: bool = True) -> Trajectories:
     "`n_traj` trajectories of `steps` frames after t=0, every `dt_save`; ic=None cycles through the families."
     gen = torch.Generator().manual_seed(seed)
-    p = self.resolve_params(n_traj, split, params, gen)
+    p = self.resolve_params(n_traj, param_split, params, gen)
     ics = [self.ic_families[i % len(self.ic_families)] for i in range(n_traj)] if ic is None else [self.check_ic(ic)] * n_traj
     grid = self.grid(res, get_device(device), dtype)
     h0, vel0 = self.initial_condition(grid, p['coriolis'], p['amplitude'], ics, gen)
@@ -250,14 +250,14 @@ def simulate(self: ShallowWater, n_traj: int, res: int = 64, steps: int = 50, se
     def observe(sh):
         h, vel = sw.to_physical(sh)
         return {'height': h, 'velocity': vel}
-    frames, _ = rollout(step, s0, steps, 1, observe, desc=f'shallow_water {split}', show_progress=progress)
+    frames, _ = rollout(step, s0, steps, 1, observe, desc=f'shallow_water {param_split}', progress=progress)
     return Trajectories(
         name=self.name, fields=frames,
         time=torch.arange(steps + 1, dtype=dtype, device=grid.device) * self.dt_save,
         coords={'x': grid.x, 'y': grid.y},
         scalars={k: v.to(grid.device, dtype) for k, v in p.items()},
         bcs={'x': 'periodic', 'y': 'periodic'},
-        attrs=dict(system=self.name, split=split, seed=seed, ic=ics, gravity=self.gravity, depth=self.depth,
+        attrs=dict(system=self.name, param_split=param_split, seed=seed, ic=ics, gravity=self.gravity, depth=self.depth,
                    dt_save=self.dt_save, hyperviscosity=sw.hyperviscosity, cfl=self.cfl,
                    substeps_per_frame=max(substeps, default=0), dealias=self.cutoff,
                    solver='pseudo-spectral (2/3 dealiased), vector-invariant form, ETDRK4 with hyperviscosity in L')).validate()
@@ -421,7 +421,7 @@ class Acoustics(System):
     params = {'bulk_modulus': Param(1., 16., doc='bulk modulus K (pressure per unit compression)'),
               'density_contrast': Param(1., 100., log=True, doc='background densities are drawn in [1, density_contrast]')}
     smooth_media = ('constant', 'gradient', 'gaussian_bump', 'smoothed_noise')
-    splits = {'id': {'bulk_modulus': (4.,), 'density_contrast': (7.,), 'density': smooth_media},
+    param_splits = {'id': {'bulk_modulus': (4.,), 'density_contrast': (7.,), 'density': smooth_media},
               'ood': {'bulk_modulus': (4.,), 'density_contrast': (7.,), 'density': ('inclusions',)},
               'ood_contrast': {'bulk_modulus': (4.,), 'density_contrast': Param(20., 50., log=True), 'density': smooth_media}}
     ic_families = ('pressure_rings', 'gaussian_pulses')
@@ -444,17 +444,17 @@ class Acoustics(System):
 
 # %% ../../nbs/01a_sim.waves.ipynb #f41ba558
 @patch
-def simulate(self: Acoustics, n_traj: int, res: int = 64, steps: int = 100, seed: int = 0, device: str = 'cpu',
-             dtype: torch.dtype = torch.float32, split: str = 'id', params: dict | None = None,
+def simulate(self: Acoustics, n_traj: int, res: int = 64, steps: int = 100, seed: int = 0, device: str = 'auto',
+             dtype: torch.dtype = torch.float32, param_split: str = 'id', params: dict | None = None,
              ic: str | None = None, progress: bool = True,
-             density: str | None = None,   # one density family for all trajectories; None: drawn from the split's families
+             density: str | None = None,   # one density family for all trajectories; None: drawn from the param_split's families
             ) -> Trajectories:
     "`n_traj` trajectories of `steps` frames after t=0, every `dt_save`; ic=None alternates the source families."
     gen = torch.Generator().manual_seed(seed)
-    p = self.resolve_params(n_traj, split, params, gen)
+    p = self.resolve_params(n_traj, param_split, params, gen)
     ics = [self.ic_families[i % 2] for i in range(n_traj)] if ic is None else [self.check_ic(ic)] * n_traj
     if density is None:
-        fams = self.splits[split].get('density', self.density_families)
+        fams = self.param_splits[param_split].get('density', self.density_families)
         media = [fams[int(j)] for j in torch.randint(len(fams), (n_traj,), generator=gen)]
     elif density in self.density_families: media = [density] * n_traj
     else: raise ValueError(f"density={density!r} is not one of {', '.join(map(repr, self.density_families))}")
@@ -469,7 +469,7 @@ def simulate(self: Acoustics, n_traj: int, res: int = 64, steps: int = 100, seed
         pr, u, v = state
         return {'pressure': pr, 'velocity': ac.velocity_at_centres(u, v)}
     frames, _ = rollout(lambda s: ac.advance(*s, dt, n_sub), (p0.to(grid.device, dtype), zero, zero.clone()), steps, 1,
-                        observe, desc=f'acoustics {split}', show_progress=progress)
+                        observe, desc=f'acoustics {param_split}', progress=progress)
     return Trajectories(
         name=self.name, fields=frames,
         time=torch.arange(steps + 1, dtype=dtype, device=grid.device) * self.dt_save,
@@ -477,6 +477,6 @@ def simulate(self: Acoustics, n_traj: int, res: int = 64, steps: int = 100, seed
         scalars={k: v.to(grid.device, dtype) for k, v in p.items()},
         constant_fields={'density': ac.density, 'speed_of_sound': torch.sqrt(ac.K / ac.density)},
         bcs={'x': 'periodic', 'y': 'periodic'},
-        attrs=dict(system=self.name, split=split, seed=seed, ic=ics, density=media, dt=dt.tolist(), dt_save=self.dt_save,
+        attrs=dict(system=self.name, param_split=param_split, seed=seed, ic=ics, density=media, dt=dt.tolist(), dt_save=self.dt_save,
                    substeps_per_frame=n_sub.tolist(), order=self.order, cfl=self.cfl, ring_width=self.ring_width,
                    solver=f'staggered grid (order {self.order} differences), Störmer–Verlet leapfrog')).validate()

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..core import atomic_write, get_device, seed_everything
+from ..core import atomic_write, derive_seed, get_device, seed_everything
 from ..results import run_dir, write_results
 from ..sim.systems import SYSTEMS, TIME_DEPENDENT
 from ..data.windows import FieldWindows
@@ -116,7 +116,7 @@ class AutoencodingTask(Task):
     def level_at(self, step: int) -> Compression:
         "The level of training step `step`: a pure function of `(seed, step)`."
         if self.draw == 'cycle' or len(self.levels) == 1: return self.levels[step % len(self.levels)]
-        return self.levels[random.Random(self.seed * 1_000_003 + step).randrange(len(self.levels))]
+        return self.levels[random.Random(derive_seed(self.seed, 'level', step)).randrange(len(self.levels))]
 
     def reconstruct(self, model: nn.Module, batch: dict, compression: Sequence[int]) -> torch.Tensor:
         x, mask = fields_and_mask(batch)                                  # (B, T, C, H, W), (B, C)
@@ -142,12 +142,12 @@ def check_pretraining(tokeniser: nn.Module,    # the tokeniser to train
                       levels: Sequence[Compression], # the levels it will train on
                      ):
     "Fail early, with what is allowed, when the data's fields or the levels do not fit the tokeniser."
-    known = list(getattr(getattr(tokeniser, 'config', None), 'fields', None) or [])
+    known = list(getattr(getattr(tokeniser, 'config', None), 'field_names', None) or [])
     if known:
         unknown = [f for f in windows.field_names if f not in known]
         if unknown:
             raise ValueError(f"the data has fields {unknown} that the tokeniser does not know; it has projections for "
-                             f"{known}. Build it with TokeniserConfig(fields=windows.field_names) (or a superset)")
+                             f"{known}. Build it with TokeniserConfig(field_names=windows.field_names) (or a superset)")
     T, C, H, W = windows.sample_shape
     check = getattr(tokeniser, 'check_compression', None)
     for level in levels:
@@ -214,7 +214,7 @@ def reconstruction_report(tokeniser: nn.Module,       # a trained (or untrained)
                           batch_size: int = 8,
                           max_samples: int | None = None, # evaluate the first this many windows only
                           n_bins: int = 3,            # spectral bands
-                          device: str = 'cpu',
+                          device: str = 'auto',
                          ) -> list[dict]:             # one row per (level, field) plus field='all' per level
     "Reconstruction VRMSE (mean, median) and band-wise spectral error per field and compression level."
     levels = as_levels(levels); check_pretraining(tokeniser, windows, levels)
@@ -336,7 +336,7 @@ def compare_adjustable(make_tokeniser: Callable[[], nn.Module], # builds a fresh
                        lr: float = 1e-3,
                        seed: int = 0,           # same initial weights and batch order for every model
                        loss: str = 'mse',
-                       device: str = 'cpu',
+                       device: str = 'auto',
                        out_dir: str | Path | None = None, # checkpoints per model (resumable); None = in memory
                        max_samples: int | None = None,   # windows of `valid` to score
                       ) -> dict:                # rows (per level), compute, reports, models
@@ -422,7 +422,7 @@ def run_pretraining(datasets: str = 'gray_scott,ns2d',   # comma-separated syste
                     latent: int = 8,           # latent channels per token
                     steps: int = 40,           # optimiser steps
                     seed: int = 0,             # data, weights, batch order and level sequence
-                    device: str = 'cpu',
+                    device: str = 'auto',
                     res: int = 32,             # grid points per axis of the generated data (and the crop)
                     window: int = 8,           # frames per window
                     out_dir: str | Path = 'runs/tokeniser_pretrain', # everything goes here (relative: from the repository root)
@@ -430,7 +430,7 @@ def run_pretraining(datasets: str = 'gray_scott,ns2d',   # comma-separated syste
                     batch_size: int = 8,
                     lr: float = 3e-3,
                     loss: str = 'mse',         # 'mse' | 'vrmse'
-                    show_progress: bool = False,
+                    progress: bool = False,
                     data_root: str | Path | None = None, # where the Well datasets live / are generated; default out_dir/data
                    ) -> dict:                  # tokeniser, rows, figure, paths, data_roots, train/valid windows, history, seconds (this call's fit)
     "Generate (if missing) → pretrain → evaluate → write results.json, checkpoints and the report figure."
@@ -438,14 +438,14 @@ def run_pretraining(datasets: str = 'gray_scott,ns2d',   # comma-separated syste
     out = run_dir(out_dir); out.mkdir(parents=True, exist_ok=True)
     known = _systems()
     roots = [generate_dataset(known[n], Path(data_root) if data_root is not None else out / 'data', n_traj=n_traj, res=res, steps=window + 4, seed=seed,
-                              show_progress=show_progress)['root'] for n in names]
+                              progress=progress)['root'] for n in names]
     windows = lambda split: FieldWindows(roots, split, window=window, seed=seed, crop=(res, res))
     train, valid = windows('train'), windows('valid')
     seed_everything(seed)
-    config = TokeniserConfig(fields=train.field_names, width=width, latent=latent)
+    config = TokeniserConfig(field_names=train.field_names, width=width, latent=latent)
     tokeniser = Tokeniser(config)
     tc = steps_config(steps, len(train), min(batch_size, len(train)), lr=lr, seed=seed, device=device,
-                      out_dir=str(out / 'checkpoints'), progress=show_progress)
+                      out_dir=str(out / 'checkpoints'), progress=progress)
     _check_run_key(out, dict(tokeniser=asdict(config), decoder_gains=[stage.gain for stage in tokeniser.decoder],
                              datasets=names, levels=[level_name(l) for l in levels], res=res, window=window, n_traj=n_traj,
                              seed=seed, batch_size=batch_size, lr=lr, loss=loss))
@@ -457,7 +457,7 @@ def run_pretraining(datasets: str = 'gray_scott,ns2d',   # comma-separated syste
     save_tokeniser(paths['tokeniser'], tokeniser)                      # physnb.models.tokeniser.load_tokeniser reads it back
     parameters = dict(datasets=names, levels=[level_name(l) for l in levels], width=width, latent=latent, steps=steps,
                       res=res, window=window, n_traj=n_traj, batch_size=batch_size, lr=lr, loss=loss)
-    metrics = dict(steps=run['steps'], fields=train.field_names, n_train=len(train), n_valid=len(valid), rows=rows,
+    metrics = dict(steps=run['steps'], field_names=train.field_names, n_train=len(train), n_valid=len(valid), rows=rows,
                    history=run['history'], data_roots=[str(r) for r in roots])
     write_results(out, 'tokeniser_pretrain', parameters, metrics, seed, figures=dict(report=fig), device=get_device(device),
                   timings=dict(train=sum(h['time'] for h in run['history'])))  # completed epochs, summed across resumed calls

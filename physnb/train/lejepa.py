@@ -4,23 +4,24 @@
 
 # %% ../../nbs/09a_train.lejepa.ipynb #a4a0b45d
 from __future__ import annotations
-import argparse, json, sys, time
-from dataclasses import asdict
-from pathlib import Path
+import time
+from dataclasses import replace
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import atomic_write, seed_everything, set_threads
+from ..core import seed_everything, set_threads
+from ..results import run_dir, write_results
 from ..data.windows import FieldWindows
 from ..models.lejepa import Encoder, EncoderConfig, LeJEPA, LeJEPAConfig, PhysicsViews, ViewConfig
 from .trainer import Regression, Task, TrainConfig, Trainer
 
 # %% auto #0
 __all__ = ['LeJEPATask', 'train_lejepa', 'Supervised', 'train_supervised', 'embed', 'ridge_probe', 'probe', 'rankdata',
-           'spearman', 'loss_error_correlation', 'run_sweep', 'probe_figure', 'loss_figure', 'sweep_figure', 'main']
+           'spearman', 'loss_error_correlation', 'run_sweep', 'probe_figure', 'loss_figure', 'sweep_figure',
+           'run_lejepa']
 
 # %% ../../nbs/09a_train.lejepa.ipynb #95f47ca7
 class LeJEPATask(Task):
@@ -56,9 +57,9 @@ class Supervised(nn.Module):
     def __init__(self, config: LeJEPAConfig, field_names: Sequence[str], n_params: int):
         super().__init__()
         self.config, self.field_names = config, list(field_names)
-        enc = EncoderConfig(**{**asdict(config.encoder), 'in_channels': len(self.field_names) * config.views.frames})
+        enc = replace(config.encoder, in_channels=len(self.field_names) * config.views.frames)
         self.encoder, self.head = Encoder(enc), nn.Linear(enc.embed_dim, n_params)
-        self.views = PhysicsViews(ViewConfig(**{**asdict(config.views), 'n_global': 1, 'n_local': 0}), self.field_names, config.seed)
+        self.views = PhysicsViews(replace(config.views, n_global=1, n_local=0), self.field_names, config.seed)
         self.register_buffer('step', torch.zeros((), dtype=torch.long))
 
     def forward(self, fields: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -211,9 +212,8 @@ def run_sweep(train: FieldWindows, test: FieldWindows,  # pretraining windows (a
     for point in grid:
         bad = set(point) - {'lam', 'lr', 'epochs', 'seed'}
         if bad: raise ValueError(f"sweep keys {sorted(bad)} are not among 'lam', 'lr', 'epochs', 'seed'")
-        cfg = LeJEPAConfig(**{**asdict(config), 'lam': point.get('lam', config.lam)})
-        tc = TrainConfig(**{**asdict(train_config), 'out_dir': None, 'progress': False,
-                            **{k: point[k] for k in ('lr', 'epochs', 'seed') if k in point}})
+        cfg = replace(config, lam=point.get('lam', config.lam))
+        tc = replace(train_config, out_dir=None, progress=False, **{k: point[k] for k in ('lr', 'epochs', 'seed') if k in point})
         tic = time.perf_counter()
         model, rec = train_lejepa(train, cfg, tc)
         last = [p for p in rec['parts'] if p['step'] > rec['steps'] - max(1, rec['steps'] // tc.epochs)] # last epoch
@@ -255,41 +255,43 @@ def sweep_figure(records: Sequence[dict], alpha: float = 0.4) -> 'go.Figure':
     return fig.update_layout(height=350, showlegend=False)
 
 # %% ../../nbs/09a_train.lejepa.ipynb #f46e48e5
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m physnb.train.lejepa', description='LeJEPA pretraining + linear probe on a Well dataset')
-    p.add_argument('--data', required=True, help='dataset root ROOT/NAME (with data/train and stats.yaml)')
-    p.add_argument('--out-dir', required=True, help='checkpoints and results.json go here')
-    p.add_argument('--epochs', type=int, default=4); p.add_argument('--batch-size', type=int, default=16)
-    p.add_argument('--lr', type=float, default=2e-3); p.add_argument('--lam', type=float, default=0.05)
-    p.add_argument('--proj-dim', type=int, default=16); p.add_argument('--proj-hidden', type=int, default=128)
-    p.add_argument('--embed-dim', type=int, default=64); p.add_argument('--width', type=int, default=16)
-    p.add_argument('--num-slices', type=int, default=256); p.add_argument('--window', type=int, default=4)
-    p.add_argument('--n-global', type=int, default=2); p.add_argument('--n-local', type=int, default=4)
-    p.add_argument('--local-size', type=int, default=16); p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--device', default='cpu'); p.add_argument('--max-steps', type=int, default=None)
-    p.add_argument('--no-probe', action='store_true', help='skip the probe (training only)')
-    return p
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    "Train LeJEPA (DDP under torchrun) and probe it; rank 0 writes OUT_DIR/results.json."
-    a = _parser().parse_args(argv)
+_E, _V, _L = EncoderConfig, ViewConfig, LeJEPAConfig      # the defaults below are these configs' own
+def run_lejepa(data: str,                           # dataset root ROOT/NAME (data/train, data/valid, data/test, stats.yaml)
+               out_dir: str,                        # checkpoints, results.json (relative: from the repository root)
+               window: int = 4,                     # frames per sample window
+               epochs: int = TrainConfig.epochs,    # training epochs
+               batch_size: int = TrainConfig.batch_size, # global batch, split over DDP ranks
+               lr: float = TrainConfig.lr,          # AdamW learning rate (cosine)
+               lam: float = _L.lam,                 # SIGReg weight λ
+               proj_dim: int = _L.proj_dim,         # projector output K
+               proj_hidden: int = _L.proj_hidden,   # projector hidden width
+               embed_dim: int = _E.embed_dim,       # backbone embedding D (probed)
+               width: int = _E.width,               # CNN stem channels
+               num_slices: int = _L.num_slices,     # SIGReg directions per step
+               n_global: int = _V.n_global,         # global views
+               n_local: int = _V.n_local,           # local views
+               local_size: int = _V.local_size,     # side of the local crops
+               seed: int = 0,                       # weights, views, data order
+               device: str = 'auto',                # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
+               max_steps: int | None = None,        # stop after this many optimiser steps
+               probe_params: bool = True,           # ridge-probe the PDE parameters on valid + test after training
+              ) -> dict:                            # the results (rank 0 also writes out_dir/results.json)
+    "Train LeJEPA on a Well dataset (DDP under torchrun) and probe it; rank 0 writes results.json."
+    parameters = {k: v for k, v in locals().items()}
+    out, tic = run_dir(out_dir), time.perf_counter()
     set_threads()
-    train = FieldWindows(a.data, 'train', a.window, in_memory=True)
-    config = LeJEPAConfig(encoder=EncoderConfig(width=a.width, embed_dim=a.embed_dim),
-                          views=ViewConfig(n_global=a.n_global, n_local=a.n_local, local_size=a.local_size),
-                          proj_hidden=a.proj_hidden, proj_dim=a.proj_dim, lam=a.lam, num_slices=a.num_slices, seed=a.seed)
-    tc = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer='adamw', seed=a.seed, device=a.device,
-                     out_dir=a.out_dir, max_steps=a.max_steps, progress=False)
-    tic = time.perf_counter()
+    train = FieldWindows(data, 'train', window, in_memory=True)
+    config = LeJEPAConfig(encoder=EncoderConfig(width=width, embed_dim=embed_dim),
+                          views=ViewConfig(n_global=n_global, n_local=n_local, local_size=local_size),
+                          proj_hidden=proj_hidden, proj_dim=proj_dim, lam=lam, num_slices=num_slices, seed=seed)
+    tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer='adamw', seed=seed, device=device,
+                     out_dir=str(out), max_steps=max_steps, progress=False)
     model, rec = train_lejepa(train, config, tc)
-    results = dict(config=asdict(config), train=asdict(tc), history=rec['history'], parts=rec['parts'],
-                   world_size=rec['trainer'].world_size, seconds=time.perf_counter() - tic)
+    metrics = dict(history=rec['history'], parts=rec['parts'], world_size=rec['trainer'].world_size)
     if rec['trainer'].rank == 0:
-        if not a.no_probe:
-            test = FieldWindows(a.data, ('valid', 'test'), a.window, in_memory=True)
-            pr = probe(model.encoder, train, test, config.views.frames); pr.pop('pred')
-            results['probe'] = pr
-        with atomic_write(Path(a.out_dir) / 'results.json') as f: json.dump(results, f, indent=1)
-    return results
-
-if __name__ == '__main__' and Path(sys.argv[0]).stem == 'lejepa': main()
+        if probe_params:
+            pr = probe(model.encoder, train, FieldWindows(data, ('valid', 'test'), window, in_memory=True), config.views.frames)
+            pr.pop('pred'); metrics['probe'] = pr
+        write_results(out, 'lejepa', parameters, metrics, seed, timings=dict(total=time.perf_counter() - tic),
+                      device=rec['trainer'].device)
+    return metrics

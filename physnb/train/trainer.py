@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from ..core import atomic_write, get_device, load_checkpoint, progress, save_checkpoint, seed_everything
+from ..core import atomic_write, derive_seed, get_device, load_checkpoint, progress, save_checkpoint, seed_everything
 from ..metrics import relative_l2
 
 
@@ -125,7 +125,7 @@ def epoch_loader(data: Dataset,          # map-style dataset
                  rank: int = 0, world_size: int = 1, num_workers: int = 0,
                 ) -> DataLoader:
     "A DataLoader whose batches are a pure function of `(seed, epoch, rank, world_size)`."
-    order_seed = seed * 1_000_003                     # so that seeds s and s+1 never share an epoch's order
+    order_seed = derive_seed(seed, 'order')           # epoch e's permutation is seeded order_seed + e
     sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=order_seed, drop_last=False)
     sampler.set_epoch(epoch)                          # the permutation comes from a generator seeded order_seed + epoch
     return DataLoader(data, batch_size=batch_size, sampler=SkipSampler(sampler, skip_batches * batch_size),

@@ -27,22 +27,22 @@ __all__ = ['steady_task', 'make_fno', 'fit', 'heldout_error', 'pretrain', 'prefi
 
 # %% ../../nbs/06a_train.transfer.ipynb #4cbfb45c
 def steady_task(system: str,        # steady family: 'poisson' | 'advection_diffusion' | 'helmholtz'
-                split: str,         # parameter split of the family: 'pretrain', 'id', 'ood_*'
+                param_split: str,   # parameter split of the family: 'pretrain', 'id', 'ood_*'
                 n_train: int,       # training examples
                 n_valid: int,       # validation examples (model selection)
                 n_test: int,        # test examples (0 for a pretraining task)
                 res: int,           # grid points per side
                 seed: int,          # master seed of the draw
-                root: str | Path,   # datasets go to root/<system>_<split>_<res>px_<n_train>-<n_valid>-<n_test>/
+                root: str | Path,   # datasets go to root/<system>_<param_split>_<res>px_<n_train>-<n_valid>-<n_test>/
                ) -> dict[str, list[Path]]: # {'train' | 'valid' | 'test': Well files}, empty splits left out
     "Generate (or reuse) one steady task as Well files."
     if system not in STEADY: raise ValueError(f"system={system!r} is not one of {', '.join(map(repr, STEADY))}")
-    if split not in SYSTEMS[system].splits:
-        raise ValueError(f"split={split!r} is not one of {', '.join(map(repr, SYSTEMS[system].splits))} for {system}")
+    if param_split not in SYSTEMS[system].param_splits:
+        raise ValueError(f"param_split={param_split!r} is not one of {', '.join(map(repr, SYSTEMS[system].param_splits))} for {system}")
     total = n_train + n_valid + n_test
-    info = generate_dataset(SYSTEMS[system], root, n_traj=total, res=res, seed=seed, split_name=split,
-                            name=f'{system}_{split}_{res}px_{n_train}-{n_valid}-{n_test}',
-                            splits=(n_train / total, n_valid / total, n_test / total), show_progress=False)
+    info = generate_dataset(SYSTEMS[system], root, n_traj=total, res=res, seed=seed, param_split=param_split,
+                            name=f'{system}_{param_split}_{res}px_{n_train}-{n_valid}-{n_test}',
+                            fractions=(n_train / total, n_valid / total, n_test / total), progress=False)
     return info['files']
 
 # %% ../../nbs/06a_train.transfer.ipynb #4f24fd5d
@@ -65,7 +65,7 @@ def fit(model: nn.Module,             # the network; trained in place
         batch_size: int,              # batch (drop_last: needs len(train_set) >= batch_size)
         lr: float = 1e-3,             # Adam learning rate, cosine-annealed per epoch
         seed: int = 0,                # seeds every RNG at the start of training, and the data order
-        device: str = 'cpu',          # 'cpu' | 'cuda' | 'auto'
+        device: str = 'auto',          # 'auto' | 'cpu' | 'cuda'
         eval_every: int | None = None, # validate every this many epochs (default: about 3 times a run, and the last)
         **trainer,                    # further `Trainer` arguments (task, param_groups, callbacks)
        ) -> nn.Module:                # the model, holding its best epoch's weights
@@ -78,7 +78,7 @@ def fit(model: nn.Module,             # the network; trained in place
 
 def heldout_error(model: nn.Module,      # the network (may be fully frozen: evaluation needs no optimiser)
                   heldout_set: Dataset,  # (input, target) pairs the model never trained on (test or validation)
-                  device: str = 'cpu',   # where to evaluate
+                  device: str = 'auto',   # where to evaluate
                   batch_size: int = 64,  # evaluation batch
                   **trainer,             # further `Trainer` arguments (task)
                  ) -> float:             # mean per-sample relative L2 error (or the task's metric)
@@ -94,7 +94,7 @@ def pretrain(make_model: Callable[[Dataset], nn.Module], # factory: training set
              batch_size: int,                            # batch (paper: 128)
              lr: float = 1e-3,                           # Adam learning rate (paper: 1e-3)
              seed: int = 0,                              # seeds the initialisation and the data order
-             device: str = 'cpu',                        # 'cpu' | 'cuda' | 'auto'
+             device: str = 'auto',                        # 'auto' | 'cpu' | 'cuda'
              **trainer,                                  # further `Trainer` arguments
             ) -> tuple[nn.Module, dict]:                 # (model, {valid_error, seconds, parameters, n_train})
     "Build a model on `train_set` and pretrain it; return it with a summary."
@@ -133,7 +133,7 @@ def transfer_curve(pretrained: nn.Module | None,            # the pretrained mod
                    lr: float = 1e-3,                         # learning rate from scratch
                    finetune_lr: float | None = None,         # learning rate for fine-tuning (None: lr)
                    seed: int = 0,                            # run at size n uses seed + n
-                   device: str = 'cpu',                      # 'cpu' | 'cuda' | 'auto'
+                   device: str = 'auto',                      # 'auto' | 'cpu' | 'cuda'
                    freeze: Callable[[nn.Module], object] | None = None, # called on the fine-tuned copy before training
                    **trainer,                                # further `Trainer` arguments
                   ) -> dict:                                 # {'n', 'scratch', 'finetune', 'zero_shot'}

@@ -12,7 +12,7 @@ import ipywidgets as widgets
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..core import progress
+from ..core import derive_seed, progress as progress_bar
 from ..models.sigreg import SIGReg, UNIVARIATE_TESTS, epps_pulley_grid, unit_directions
 
 
@@ -229,14 +229,14 @@ def slices_to_detect(dims: Sequence[int] = (2, 4, 8, 16, 32), # ambient dimensio
                      defect: str = 'x',         # the 2-D law hidden in the first coordinate plane
                      test: str = 'epps_pulley', # a name in UNIVARIATE_TESTS
                      seed: int = 0,
-                     show_progress: bool = False,
+                     progress: bool = False,
                     ) -> dict[str, torch.Tensor]:  # name -> (len(dims),)
     "How often random slices catch a 2-D defect hidden in D dimensions, and how many slices / steps that takes."
     if test not in UNIVARIATE_TESTS: raise ValueError(f"test={test!r} is not one of {', '.join(UNIVARIATE_TESTS)}")
     univariate = UNIVARIATE_TESTS[test]
     rows = []
-    for dim in progress(dims, desc='dimensions', disable=not show_progress):
-        g = torch.Generator().manual_seed(seed * 7919 + dim)
+    for dim in progress_bar(dims, desc='dimensions', disable=not progress):
+        g = torch.Generator().manual_seed(derive_seed(seed, 'slices', dim))
         null, found = [], []
         for step in range(steps):
             directions = unit_directions(dim, num_slices, step, seed=seed)        # (D, M), shared by both samples

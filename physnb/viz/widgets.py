@@ -168,9 +168,9 @@ def _model_device(model, device) -> torch.device:
 
 class CompressionExplorer:
     "State of the compression widget: windows, cached reconstructions, `.controls`, `.figure` and `.widget`."
-    def __init__(self, tokeniser,                 # physnb Tokeniser (or the same interface): forward(x, fields, compression)
+    def __init__(self, tokeniser,                 # physnb Tokeniser (or the same interface): forward(x, field_names, compression)
                  samples,                         # (N, T, C, H, W) tensor or a Dataset of windows (e.g. WellDataset)
-                 fields: Sequence[str] | None = None, # channel names; None: samples.field_names
+                 field_names: Sequence[str] | None = None, # channel names; None: samples.field_names
                  levels: Sequence | None = None,  # (spatial, temporal) levels to offer; None: all the tokeniser's that fit
                  device: str | None = None,       # where windows go for the model; None: the tokeniser's (cpu without parameters)
                  height: int = 340,               # figure height in pixels
@@ -179,13 +179,13 @@ class CompressionExplorer:
                 ):
         self.tokeniser, self.device, self.max_size = tokeniser, _model_device(tokeniser, device), max_size
         self.windows = Windows(samples)
-        fields = getattr(samples, 'field_names', None) if fields is None else fields
-        if fields is None: raise ValueError("fields=None needs samples.field_names; pass fields=['name', ...] (one per channel)")
-        self.fields = list(fields)
+        field_names = getattr(samples, 'field_names', None) if field_names is None else field_names
+        if field_names is None: raise ValueError("field_names=None needs samples.field_names; pass field_names=['name', ...] (one per channel)")
+        self.field_names = list(field_names)
         T, C, H, W = self.windows[0].shape
-        if C != len(self.fields):
-            raise ValueError(f"the windows have {C} channels but fields names {len(self.fields)}: {self.fields}")
-        if hasattr(tokeniser, 'field_index'): tokeniser.field_index(self.fields)   # unknown names fail here, clearly
+        if C != len(self.field_names):
+            raise ValueError(f"the windows have {C} channels but field_names has {len(self.field_names)}: {self.field_names}")
+        if hasattr(tokeniser, 'field_index'): tokeniser.field_index(self.field_names)   # unknown names fail here, clearly
         self.shape = (T, H, W)
         self.levels = compression_levels(tokeniser, self.shape, levels)
         self.model_calls, self.max_cached, self._cache = 0, max_cached, OrderedDict()
@@ -195,7 +195,7 @@ class CompressionExplorer:
             sample=widgets.IntSlider(0, 0, len(self.windows) - 1, description='sample', continuous_update=False,
                                      disabled=len(self.windows) == 1),
             time=widgets.IntSlider(0, 0, T - 1, description='time', disabled=T == 1),
-            field=widgets.Dropdown(options=self.fields, value=self.fields[0], description='field'),
+            field=widgets.Dropdown(options=self.field_names, value=self.field_names[0], description='field'),
             level=widgets.Dropdown(options=[(self.level_label(l), l) for l in self.levels], value=self.levels[0],
                                    description='compression', style=dict(description_width='initial')))
         self.figure = heatmap_row(['original', 'reconstruction', 'error = reconstruction − original'], scales=(0, 0, 1),
@@ -213,20 +213,20 @@ class CompressionExplorer:
     def compression_ratio(self, level) -> float:
         "Numbers in a window over numbers in its tokens (tokens alone if the tokeniser has no `config.latent`)."
         T, H, W = self.shape
-        return T * len(self.fields) * H * W / (self.token_count(level) * (self.latent or 1))
+        return T * len(self.field_names) * H * W / (self.token_count(level) * (self.latent or 1))
 
     def reconstruction(self, sample: int, level) -> tuple[torch.Tensor, torch.Tensor]:
         "(reconstruction (T, C, H, W), VRMSE per frame and field (T, C)) of one window at one level, cached."
         key = (int(sample), tuple(level))
         if key not in self._cache:
             x = self.windows[key[0]]                                           # (T, C, H, W)
-            if (x.shape[0], *x.shape[2:]) != self.shape or x.shape[1] != len(self.fields):
+            if (x.shape[0], *x.shape[2:]) != self.shape or x.shape[1] != len(self.field_names):
                 raise ValueError(f"sample {key[0]} has shape {tuple(x.shape)} but sample 0 has (T, C, H, W) = "
-                                 f"{(self.shape[0], len(self.fields), *self.shape[1:])}; the explorer needs windows of one shape")
+                                 f"{(self.shape[0], len(self.field_names), *self.shape[1:])}; the explorer needs windows of one shape")
             model, was_training = self.tokeniser, getattr(self.tokeniser, 'training', False)
             if hasattr(model, 'eval'): model.eval()
             try:
-                with torch.no_grad(): y = model(x[None].to(self.device), self.fields, compression=key[1])  # (1, T, C, H, W)
+                with torch.no_grad(): y = model(x[None].to(self.device), self.field_names, compression=key[1])  # (1, T, C, H, W)
             finally:
                 if hasattr(model, 'train'): model.train(was_training)
             self.model_calls += 1
@@ -249,7 +249,7 @@ class CompressionExplorer:
     def caption(self, sample, time, field, level) -> str:
         _, score = self.reconstruction(sample, level)
         s, t = level
-        c = self.fields.index(field)
+        c = self.field_names.index(field)
         return (f"sample {sample} · t = {time} · {field} · {s}×{s} in space, ×{t} in time<br>"
                 f"{self.token_count(level)} tokens · ratio {self.compression_ratio(level):.3g}:1 · "
                 f"VRMSE {field}(t={time}) {float(score[time, c]):.3f} · whole window {float(score.mean()):.3f}")
@@ -257,7 +257,7 @@ class CompressionExplorer:
     def update(self, change=None):
         "Redraw the figure for the controls' current values (called by every control)."
         sample, time, field, level = (self.controls[k].value for k in ('sample', 'time', 'field', 'level'))
-        c = self.fields.index(field)
+        c = self.field_names.index(field)
         original = self.windows[sample][:, c]                                  # (T, H, W)
         recon = self.reconstruction(sample, level)[0][:, c]                    # (T, H, W)
         update_panels(self.figure, images={0: original[time], 1: recon[time], 2: recon[time] - original[time]},
@@ -270,22 +270,22 @@ class CompressionExplorer:
 
 def compression_explorer(tokeniser,                  # physnb Tokeniser (or the same interface)
                          samples,                    # (N, T, C, H, W) tensor or a Dataset of windows (e.g. WellDataset)
-                         fields: Sequence[str] | None = None, # channel names; None: samples.field_names
+                         field_names: Sequence[str] | None = None, # channel names; None: samples.field_names
                          levels: Sequence | None = None,      # (spatial, temporal) levels; None: all that fit
                          device: str | None = None,  # where windows go for the model; None: the tokeniser's
                          height: int = 340,          # figure height in pixels
                          max_cached: int = 64,       # reconstructions kept in memory
-                         max_size: int = 128,        # drawn points per axis at most (larger fields block-averaged)
+                         max_size: int = 128,        # drawn points per axis at most (larger field_names block-averaged)
                         ) -> widgets.Widget:         # a VBox of controls and figure; its `.explorer` is the state
     "Pick sample, time, field and compression level; see original, reconstruction, error, token count and VRMSE."
-    return CompressionExplorer(tokeniser, samples, fields, levels, device, height, max_cached, max_size).widget
+    return CompressionExplorer(tokeniser, samples, field_names, levels, device, height, max_cached, max_size).widget
 
 # %% ../../nbs/03b_viz.widgets.ipynb #8c9b2abf
 class RolloutScrubber:
     "State of the rollout widget: truth, prediction, VRMSE per step, `.controls`, `.figure` and `.widget`."
     def __init__(self, truth: torch.Tensor,         # (T, C, H, W) reference trajectory
                  prediction: torch.Tensor,          # (T, C, H, W) rollout of a model
-                 fields: Sequence[str],             # channel names
+                 field_names: Sequence[str],             # channel names
                  labels: Sequence[str] = ('truth', 'prediction'), # panel titles
                  height: int = 340,                 # figure height in pixels
                  channels_last: bool = False,       # True: truth and prediction are (T, H, W, C), the Well's layout
@@ -296,12 +296,12 @@ class RolloutScrubber:
         self.truth, self.prediction = frames_of(truth), frames_of(prediction)
         if self.truth.shape != self.prediction.shape:
             raise ValueError(f"truth has shape {tuple(self.truth.shape)} but prediction {tuple(self.prediction.shape)}; they must match")
-        self.fields = list(fields)
+        self.field_names = list(field_names)
         T, C = self.truth.shape[:2]
-        if C != len(self.fields): raise ValueError(f"the trajectories have {C} channels but fields names {len(self.fields)}: {self.fields}")
+        if C != len(self.field_names): raise ValueError(f"the trajectories have {C} channels but field_names has {len(self.field_names)}: {self.field_names}")
         self.vrmse = vrmse(self.prediction.permute(0, 2, 3, 1), self.truth.permute(0, 2, 3, 1))   # (T, C)
         self.controls = dict(time=widgets.IntSlider(0, 0, T - 1, description='step', disabled=T == 1),
-                             field=widgets.Dropdown(options=self.fields, value=self.fields[0], description='field'))
+                             field=widgets.Dropdown(options=self.field_names, value=self.field_names[0], description='field'))
         self.figure = heatmap_row([labels[0], labels[1], f'error = {labels[1]} − {labels[0]}'], scales=(0, 0, 1),
                                   curve='VRMSE per step', lines=('VRMSE', 'this step'), height=height)
         self.figure.data[4].update(mode='markers', marker=dict(size=10, color='black'))
@@ -316,7 +316,7 @@ class RolloutScrubber:
     def update(self, change=None):
         "Redraw for the current step and field."
         t, field = self.controls['time'].value, self.controls['field'].value
-        c = self.fields.index(field)
+        c = self.field_names.index(field)
         truth, pred, score = self.truth[:, c], self.prediction[:, c], self.vrmse[:, c]
         steps = list(range(len(score)))
         update_panels(self.figure, images={0: truth[t], 1: pred[t], 2: pred[t] - truth[t]},
@@ -331,11 +331,11 @@ class RolloutScrubber:
 
 def rollout_scrubber(truth: torch.Tensor,           # (T, C, H, W) reference trajectory
                      prediction: torch.Tensor,      # (T, C, H, W) rollout
-                     fields: Sequence[str],         # channel names
+                     field_names: Sequence[str],         # channel names
                      labels: Sequence[str] = ('truth', 'prediction'), # panel titles
                      height: int = 340,             # figure height in pixels
                      channels_last: bool = False,   # True: inputs are (T, H, W, C), the Well's layout
-                     max_size: int = 128,           # drawn points per axis at most (larger fields block-averaged)
+                     max_size: int = 128,           # drawn points per axis at most (larger field_names block-averaged)
                     ) -> widgets.Widget:            # a VBox of controls and figure; its `.explorer` is the state
     "Scrub through a rollout: truth, prediction and error per step, with VRMSE over time."
-    return RolloutScrubber(truth, prediction, fields, labels, height, channels_last, max_size).widget
+    return RolloutScrubber(truth, prediction, field_names, labels, height, channels_last, max_size).widget
