@@ -696,6 +696,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'physnb.train.trainer.per_sample': ('train.trainer.html#per_sample', 'physnb/train/trainer.py'),
                                       'physnb.train.trainer.rng_state': ('train.trainer.html#rng_state', 'physnb/train/trainer.py'),
                                       'physnb.train.trainer.set_rng_state': ('train.trainer.html#set_rng_state', 'physnb/train/trainer.py'),
+                                      'physnb.train.trainer.steps_config': ('train.trainer.html#steps_config', 'physnb/train/trainer.py'),
                                       'physnb.train.trainer.to_device': ('train.trainer.html#to_device', 'physnb/train/trainer.py')},
             'physnb.train.transfer': { 'physnb.train.transfer._curve_traces': ( 'train.transfer.html#_curve_traces',
                                                                                 'physnb/train/transfer.py'),

@@ -14,7 +14,8 @@ from physnb.models.tokeniser import Compression, Tokeniser, TokeniserConfig
 from physnb.data.windows import FieldWindows
 from physnb.train.autoencoding import (AutoencodingTask, as_levels, fields_and_mask,
                                        compare_adjustable, masked_mse, masked_vrmse, pretrain_tokeniser,
-                                       reconstruction_report, steps_config)
+                                       reconstruction_report)
+from physnb.train.trainer import steps_config
 from _launch import torchrun
 
 torch.set_num_threads(1)
@@ -44,7 +45,8 @@ SCRIPT = textwrap.dedent('''
     from physnb.core import save_checkpoint
     from physnb.models.tokeniser import Tokeniser, TokeniserConfig
     from physnb.data.windows import FieldWindows
-    from physnb.train.autoencoding import pretrain_tokeniser, steps_config
+    from physnb.train.autoencoding import pretrain_tokeniser
+    from physnb.train.trainer import steps_config
     torch.set_num_threads(1)
     out_dir, kill_at, init_seed, sources = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(',')
     rank = int(os.environ.get('RANK', '0'))

@@ -23,15 +23,15 @@ from ..sim.systems import SYSTEMS, TIME_DEPENDENT
 from ..data.windows import FieldWindows
 from ..data.generate import generate_dataset
 from ..metrics import binned_spectral_error, vrmse
-from .trainer import Task, TrainConfig, Trainer
+from .trainer import Task, TrainConfig, Trainer, steps_config
 from ..models.tokeniser import Compression, Tokeniser, TokeniserConfig, parse_levels, save_tokeniser
 
 
 # %% auto #0
 __all__ = ['RECONSTRUCTION_LOSSES', 'DRAWS', 'BUDGETS', 'fields_and_mask', 'masked_mse', 'masked_vrmse', 'as_levels',
-           'level_name', 'AutoencodingTask', 'check_pretraining', 'steps_config', 'StepLossLog', 'pretrain_tokeniser',
-           'band_names', 'reconstruction_report', 'report_figure', 'reconstruction_figure', 'step_flops',
-           'compare_adjustable', 'comparison_figure', 'parse_systems', 'run_pretraining']
+           'level_name', 'AutoencodingTask', 'check_pretraining', 'StepLossLog', 'pretrain_tokeniser', 'band_names',
+           'reconstruction_report', 'report_figure', 'reconstruction_figure', 'step_flops', 'compare_adjustable',
+           'comparison_figure', 'parse_systems', 'run_pretraining']
 
 # %% ../../nbs/03a_train.autoencoding.ipynb #8269b7b3
 def fields_and_mask(batch: dict, # a collated `FieldWindows` batch
@@ -155,17 +155,6 @@ def check_pretraining(tokeniser: nn.Module,    # the tokeniser to train
         try: check((T, H, W), level)
         except ValueError as e:
             raise ValueError(f"level {level_name(level)} does not fit windows of (T, H, W)={(T, H, W)}: {e}") from None
-
-def steps_config(steps: int,            # optimiser steps in total
-                 n_samples: int,        # training windows
-                 batch_size: int = 8,   # global batch
-                 **kw,                  # other TrainConfig fields (lr, seed, device, out_dir, ...)
-                ) -> TrainConfig:
-    "A TrainConfig that runs exactly `steps` optimiser steps (per-step cosine schedule and grad_clip=1 by default)."
-    per_epoch = n_samples // batch_size
-    if per_epoch < 1: raise ValueError(f"{n_samples} training windows hold no full batch of {batch_size}; lower batch_size or add data")
-    kw = dict(schedule_unit='step', progress=False, grad_clip=1.0) | kw
-    return TrainConfig(epochs=math.ceil(steps / per_epoch), batch_size=batch_size, max_steps=steps, **kw)
 
 class StepLossLog:
     "Trainer callback: keeps `(step, level, loss)` of every training step in `.rows` (levels from the AutoencodingTask)."

@@ -24,8 +24,8 @@ from ..metrics import relative_l2
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'SCHEDULE_UNITS', 'AMP_DTYPES', 'RESUMABLE_CHANGES', 'check_device_name', 'TrainConfig',
-           'lr_factor', 'SkipSampler', 'epoch_loader', 'rng_state', 'set_rng_state', 'init_distributed', 'to_device',
-           'batch_len', 'per_sample', 'Task', 'pair_batch', 'Regression', 'Trainer']
+           'steps_config', 'lr_factor', 'SkipSampler', 'epoch_loader', 'rng_state', 'set_rng_state', 'init_distributed',
+           'to_device', 'batch_len', 'per_sample', 'Task', 'pair_batch', 'Regression', 'Trainer']
 
 # %% ../../nbs/02f_train.trainer.ipynb #21758bd0
 OPTIMIZERS = ('adam', 'adamw')
@@ -94,6 +94,18 @@ class TrainConfig:
 
 RESUMABLE_CHANGES = ('device', 'out_dir', 'eval_every', 'save_every', 'max_steps', 'num_workers', 'progress',
                      'find_unused_parameters')
+
+# %% ../../nbs/02f_train.trainer.ipynb #cdd339e3
+def steps_config(steps: int,            # optimiser steps in total
+                 n_samples: int,        # training samples
+                 batch_size: int = 8,   # global batch
+                 **kw,                  # other TrainConfig fields (lr, seed, device, out_dir, ...)
+                ) -> TrainConfig:
+    "A TrainConfig that runs exactly `steps` optimiser steps (per-step cosine schedule and grad_clip=1 by default)."
+    per_epoch = n_samples // batch_size
+    if per_epoch < 1: raise ValueError(f"{n_samples} training samples hold no full batch of {batch_size}; lower batch_size or add data")
+    kw = dict(schedule_unit='step', progress=False, grad_clip=1.0) | kw
+    return TrainConfig(epochs=math.ceil(steps / per_epoch), batch_size=batch_size, max_steps=steps, **kw)
 
 # %% ../../nbs/02f_train.trainer.ipynb #22375f18
 def lr_factor(position: int,         # epoch (schedule_unit='epoch') or step ('step') about to be trained, from 0
