@@ -87,3 +87,14 @@ def test_the_reader_sees_relative_lazy_and_package_imports():
     src = "from ..core import x\nfrom . import pdes\ndef f():\n    from ..train.trainer import Trainer\n    from physnb import cli\n"
     assert imports_in(src, 'physnb.sim.waves') == {'physnb.core', 'physnb.sim.pdes', 'physnb.train.trainer', 'physnb.cli'}
     assert RANK[layer('physnb.train.trainer')] > RANK[layer('physnb.sim.waves')]   # so a solver importing it fails
+
+
+def test_importing_any_module_but_the_views_loads_no_plotting_library():
+    "Plotly is imported inside the functions that draw; `import physnb.cli` (every driver) stays light."
+    import subprocess, sys
+    mods = [module_name(p) for p in MODULES if layer(module_name(p)) != 'viz']
+    code = (f"import sys, importlib\nfor m in {mods!r}: importlib.import_module(m)\n"
+            "print(sorted(k for k in ('plotly', 'ipywidgets', 'anywidget') if k in sys.modules))")
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == '[]', out.stdout

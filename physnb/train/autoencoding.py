@@ -14,8 +14,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.flop_counter import FlopCounterMode
-import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from ..core import atomic_write, derive_seed, get_device, seed_everything
 from ..results import run_dir, write_results
@@ -248,8 +246,10 @@ def reconstruction_report(tokeniser: nn.Module,       # a trained (or untrained)
 
 def report_figure(rows: Sequence[dict],   # from `reconstruction_report`
                   title: str = 'Tokeniser reconstruction',
-                 ) -> go.Figure:
+                 ) -> 'go.Figure':
     "VRMSE against tokens per window (one line per field), and the spectral error per band."
+    import plotly.graph_objects as go            # plotting only: training imports no plotly
+    from plotly.subplots import make_subplots
     fig = make_subplots(1, 2, subplot_titles=('VRMSE vs tokens per window', 'spectral error per band (mean over fields)'))
     fields = list(dict.fromkeys(r['field'] for r in rows))
     for name in fields:
@@ -276,8 +276,10 @@ def reconstruction_figure(tokeniser: nn.Module,    # the tokeniser
                           index: int = 0,          # which window
                           field: str | None = None, # channel to show; default the window's first present one
                           frame: int = -1,         # which frame of the window (the last sees the most history)
-                         ) -> go.Figure:
+                         ) -> 'go.Figure':
     "One frame of one field: the input and its reconstruction at each level, on one colour scale."
+    import plotly.graph_objects as go            # plotting only: training imports no plotly
+    from plotly.subplots import make_subplots
     levels, sample = as_levels(levels), windows[index]
     names = windows.field_names
     if field is None: field = names[int(sample['channel_mask'].nonzero()[0])]
@@ -366,8 +368,9 @@ def compare_adjustable(make_tokeniser: Callable[[], nn.Module], # builds a fresh
     return dict(rows=rows, compute=compute, reports=reports, models=models)
 
 def comparison_figure(result: dict,        # from `compare_adjustable`
-                      title: str | None = None) -> go.Figure:
+                      title: str | None = None) -> 'go.Figure':
     "Adjustable vs fixed reconstruction VRMSE per level, with the ratio."
+    import plotly.graph_objects as go            # plotting only: training imports no plotly
     rows, c = result['rows'], result['compute']
     names = [f"{r['level']} ({r['tokens']} tok)" for r in rows]
     fig = go.Figure([go.Bar(x=names, y=[r['adjustable_vrmse'] for r in rows], name='adjustable (all levels)',

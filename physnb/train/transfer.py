@@ -11,8 +11,6 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
-import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from ..data.generate import generate_dataset
 from ..sim.systems import SYSTEMS, STEADY
@@ -154,7 +152,8 @@ def transfer_curve(pretrained: nn.Module | None,            # the pretrained mod
     return result
 
 # %% ../../nbs/06a_train.transfer.ipynb #67c65fb0
-def _curve_traces(curve: dict, colour: str, legend: bool) -> list[go.Scatter]:
+def _curve_traces(curve: dict, colour: str, legend: bool) -> list:
+    import plotly.graph_objects as go            # plotting only: training imports no plotly
     n = curve['n']
     traces = [go.Scatter(x=n, y=curve['scratch'], mode='lines+markers', name='scratch', legendgroup='scratch',
                          line=dict(color=colour, dash='dot'), showlegend=legend)]
@@ -168,8 +167,9 @@ def _curve_traces(curve: dict, colour: str, legend: bool) -> list[go.Scatter]:
 
 def curves_figure(panels: Sequence[tuple[str, dict]], # (title, transfer_curve result) per panel
                   colour: str = '#1f77b4',             # line colour
-                 ) -> go.Figure:
+                 ) -> 'go.Figure':
     "Test error against downstream size, one log-log panel per task, shared y axis."
+    from plotly.subplots import make_subplots        # plotting only: training imports no plotly
     if not panels: raise ValueError("panels is empty: pass at least one (title, curve) pair")
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[t for t, _ in panels], shared_yaxes=True)
     for j, (_, curve) in enumerate(panels):
@@ -181,8 +181,9 @@ def curves_figure(panels: Sequence[tuple[str, dict]], # (title, transfer_curve r
 
 def gain_figure(rows: Sequence[dict], # one per model: {'width', 'modes', 'parameters', 'gain'}
                 title: str = 'fine-tuning gain vs model size',
-               ) -> go.Figure:
+               ) -> 'go.Figure':
     "Scratch error / fine-tuned error against parameter count, one labelled point per model."
+    import plotly.graph_objects as go
     fig = go.Figure([go.Scatter(x=[r['parameters'] for r in rows], y=[r['gain'] for r in rows], mode='lines+markers+text',
                                 text=[f"{r['width']}x{r['modes']}" for r in rows], textposition='top center')])
     fig.update_layout(title=title, xaxis=dict(type='log', title='parameters'),
