@@ -79,6 +79,7 @@ def generate(system: str,                   # system name (see `physnb systems`)
              device: str = 'auto',          # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
              param_split: str = 'id',       # named parameter split, e.g. 'id' or 'ood' (see `physnb systems`)
              ic: str | None = None,         # initial-condition family (the system's default if omitted)
+             boundary: str | None = None,   # boundary condition on all sides, where a system offers several (euler: periodic, open)
              params: list[str] | None = None, # fix physical parameters: NAME=VALUE ...
              threads: int | None = None,    # torch CPU threads (default $OMP_NUM_THREADS or 1)
             ) -> dict:                      # what generate_dataset wrote
@@ -86,8 +87,11 @@ def generate(system: str,                   # system name (see `physnb systems`)
     set_threads(threads)
     for flag, value, least in (('--n-traj', n_traj, 1), ('--res', res, 8), ('--steps', steps, 1)):
         if value is not None and value < least: raise ValueError(f"{flag}={value} must be >= {least}")
-    kw = ({} if steps is None else {'steps': steps}) | ({} if ic is None else {'ic': ic})
-    return generate_dataset(get_system(system), out, n_traj=n_traj, res=res, seed=seed, device=str(get_device(device)),
+    sys_ = get_system(system)
+    if boundary is not None and boundary not in sys_.boundaries:
+        raise ValueError(f"--boundary={boundary!r} is not one of {', '.join(map(repr, sys_.boundaries))} for system {system!r}")
+    kw = ({} if steps is None else {'steps': steps}) | ({} if ic is None else {'ic': ic}) | ({} if boundary is None else {'boundary': boundary})
+    return generate_dataset(sys_, out, n_traj=n_traj, res=res, seed=seed, device=str(get_device(device)),
                             param_split=param_split, params=parse_params(params) or None, **kw)
 
 def info_command(path: str,              # a Well file, split folder or dataset root
@@ -101,7 +105,8 @@ def systems_command() -> str:
     "List the systems with their parameters, parameter splits and initial conditions."
     lines = []
     for name, s in SYSTEMS.items():
-        lines.append(f"{name}: ic={', '.join(s.ic_families)}; param_splits={', '.join(s.param_splits)}")
+        lines.append(f"{name}: ic={', '.join(s.ic_families)}; param_splits={', '.join(s.param_splits)}"
+                     + (f"; boundary={', '.join(s.boundaries)}" if len(s.boundaries) > 1 else ''))
         for pname, p in s.params.items(): lines.append(f"    {pname} in [{p.low:g}, {p.high:g}]  {p.doc}")
     return '\n'.join(lines)
 

@@ -104,7 +104,9 @@ def generate_dataset(system,                       # a physnb System (has .name 
                      **simulate_kw,                # passed on to system.simulate (e.g. ic=...)
                     ) -> dict:
     "Simulate `n_traj` trajectories into a Well dataset folder, resumably; returns {'root', 'files', 'stats', 'skipped'}."
-    name = name or (system.name if param_split == 'id' else f'{system.name}_{param_split}')
+    boundary = simulate_kw.get('boundary')
+    suffix = ([boundary] if boundary not in (None, getattr(system, 'boundaries', ('periodic',))[0]) else []) + ([param_split] if param_split != 'id' else [])
+    name = name or '_'.join([system.name, *suffix])
     ds_root = Path(root) / name
     counts = split_counts(n_traj, fractions)
     request = dict(res=res, steps=steps, param_split=param_split, system=type(system).__name__, settings=system_settings(system))

@@ -185,6 +185,7 @@ class System:
     params: dict[str, Param] = {}          # name -> allowed range
     param_splits: dict[str, dict] = {}     # parameter split name -> {param name: Param | tuple of values}
     ic_families: tuple[str, ...] = ()      # initial-condition families, the first is the default
+    boundaries: tuple[str, ...] = ('periodic',)  # boundary conditions `simulate(boundary=...)` accepts, the first is the default
 
     def check_param_split(self, param_split: str) -> dict:
         if param_split not in self.param_splits:
