@@ -18,6 +18,7 @@ from .data.info import info, info_text
 from .data.generate import generate_dataset
 from .train.autoencoding import run_pretraining
 from .train.lejepa import run_lejepa
+from .train.dynamics import run_finetune
 
 # %% auto #0
 __all__ = ['MAIN_SYSTEMS', 'COMMANDS', 'POSITIONAL', 'ALIASES', 'add_options', 'parse_params', 'generate', 'info_command',
@@ -165,7 +166,7 @@ def run_main(out: str = 'runs/main', # output folder: data/ (Well datasets) and 
 
 # %% ../nbs/10_cli.ipynb #b01d769b
 COMMANDS = {'generate': generate, 'info': info_command, 'systems': systems_command, 'main': run_main,
-            'pretrain': run_pretraining, 'lejepa': run_lejepa}
+            'pretrain': run_pretraining, 'lejepa': run_lejepa, 'finetune': run_finetune}
 POSITIONAL = {'generate': ('system',), 'info': ('path',)}
 ALIASES = {'info': {'as_json': '--json'}}
 
