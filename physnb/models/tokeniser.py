@@ -19,8 +19,8 @@ from ..core import save_checkpoint, load_checkpoint
 
 # %% auto #0
 __all__ = ['SPATIAL_STAGE_STRIDES', 'TEMPORAL_STAGE_STRIDES', 'NORMS', 'PADDING_MODES', 'Compression', 'as_compression',
-           'parse_levels', 'TokeniserConfig', 'pad_stage', 'crop_stage', 'overlaps', 'FrameNorm', 'DownStage',
-           'UpStage', 'Tokeniser', 'save_tokeniser', 'load_tokeniser', 'dependency_matrix']
+           'parse_levels', 'TokeniserConfig', 'pad_stage', 'crop_stage', 'overlaps', 'FrameNorm', 'ResBlock',
+           'DownStage', 'UpStage', 'Tokeniser', 'save_tokeniser', 'load_tokeniser', 'dependency_matrix']
 
 # %% ../../nbs/03_models.tokeniser.ipynb #4310fda0
 def _is_int(v) -> bool: return isinstance(v, Integral) and not isinstance(v, bool)
@@ -80,6 +80,8 @@ class TokeniserConfig:
     norm: str = 'group'                          # 'group' (GroupNorm) | 'rms' (RMS group norm), always per frame
     groups: int = 8                              # groups of the norms
     padding_mode: str = 'circular'               # 'circular' for periodic fields | 'zeros' | 'replicate'
+    blocks: int = 0                              # residual causal 3×3×3 conv blocks after each stage (MAGVIT-2 style); 0: none
+    channel_multipliers: tuple = (1, 1)          # trunk channels of stage 1 and stage 2, in units of width
 
     def __post_init__(self):
         if isinstance(self.field_names, str) or not all(isinstance(f, str) and f for f in self.field_names) or not len(self.field_names):
@@ -95,6 +97,10 @@ class TokeniserConfig:
         for name in ('width', 'embed'):
             if getattr(self, name) % self.groups:
                 raise ValueError(f"{name}={getattr(self, name)} is not divisible by groups={self.groups}")
+        if not _is_int(self.blocks) or self.blocks < 0: raise ValueError(f"blocks={self.blocks!r} must be an int >= 0")
+        self.channel_multipliers = tuple(self.channel_multipliers)
+        if len(self.channel_multipliers) != 2 or not all(_is_int(m) and m >= 1 for m in self.channel_multipliers):
+            raise ValueError(f"channel_multipliers={self.channel_multipliers!r} must be two ints >= 1 (stage 1, stage 2)")
         if self.norm not in NORMS: raise ValueError(f"norm={self.norm!r} is not one of {_names(NORMS)}")
         if self.padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode={self.padding_mode!r} is not one of {_names(PADDING_MODES)}")
@@ -115,6 +121,11 @@ class TokeniserConfig:
                     raise ValueError(f"{kind} level {level} needs stage strides {strides}, larger than the {kind}_kernels={kernels}: "
                                      f"a stride above its kernel skips inputs; raise the kernels or drop the level")
             setattr(self, name, tuple(sorted(set(levels))))
+
+    @property
+    def stage_widths(self) -> tuple[int, int]:
+        "Trunk channels after stage 1 and stage 2."
+        return tuple(self.width * m for m in self.channel_multipliers)
 
     @property
     def levels(self) -> list[Compression]:
@@ -188,27 +199,46 @@ class FrameNorm(nn.Module):
         return h * self.weight.to(x.dtype)[:, None, None, None] + self.bias.to(x.dtype)[:, None, None, None]
 
 # %% ../../nbs/03_models.tokeniser.ipynb #aaddece8
+class ResBlock(nn.Module):
+    "MAGVIT-2's residual unit, causal: `x + conv(SiLU(norm(conv(SiLU(norm(x))))))` with 3×3×3 kernels padded on the past only."
+    def __init__(self, channels: int, norm: str = 'group', groups: int = 8, padding_mode: str = 'circular'):
+        super().__init__()
+        self.padding_mode = padding_mode
+        self.norm1, self.conv1 = FrameNorm(channels, groups, norm), nn.Conv3d(channels, channels, 3)
+        self.norm2, self.conv2 = FrameNorm(channels, groups, norm), nn.Conv3d(channels, channels, 3)
+
+    def forward(self, x):                                                # (B, C, T, H, W), same shape out
+        pad = lambda h: pad_stage(h, (3, 3), (1, 1), self.padding_mode)   # two frames before, one point each side
+        h = self.conv1(pad(F.silu(self.norm1(x))))
+        return x + self.conv2(pad(F.silu(self.norm2(h))))
+
 class DownStage(nn.Module):
-    "Causal strided conv stage of the encoder: pad, conv at the stride of this call, then `h + mix(SiLU(norm(h)))`."
-    def __init__(self, cin: int, cout: int, kernel: tuple, norm: str = 'group', groups: int = 8, padding_mode: str = 'circular'):
+    "Causal strided conv stage of the encoder: pad, conv at the stride of this call, `h + mix(SiLU(norm(h)))`, then `blocks` ResBlocks."
+    def __init__(self, cin: int, cout: int, kernel: tuple, norm: str = 'group', groups: int = 8, padding_mode: str = 'circular',
+                 blocks: int = 0):   # residual causal conv blocks after the stride (the paper's MAGVIT-2 backbone)
         super().__init__()
         kt, ks = kernel
         self.kernel, self.padding_mode = (kt, ks), padding_mode
         self.conv = nn.Conv3d(cin, cout, (kt, ks, ks))
         self.norm = FrameNorm(cout, groups, norm)
         self.mix = nn.Conv3d(cout, cout, 1)
+        self.blocks = nn.ModuleList([ResBlock(cout, norm, groups, padding_mode) for _ in range(blocks)])
 
     def forward(self, x, stride: tuple):                                 # (B, Cin, T, H, W), stride (st, ss)
         st, ss = stride
         x = pad_stage(x, self.kernel, stride, self.padding_mode)          # (B, Cin, T + kt - st, H + ks - ss, W + ks - ss)
         h = F.conv3d(x, self.conv.weight, self.conv.bias, stride=(st, ss, ss))  # (B, Cout, T/st, H/ss, W/ss)
-        return h + self.mix(F.silu(self.norm(h)))                         # same shape; norm per frame
+        h = h + self.mix(F.silu(self.norm(h)))                            # same shape; norm per frame
+        for block in self.blocks: h = block(h)
+        return h
 
 class UpStage(nn.Module):
-    "Mirror of `DownStage`: transposed conv at the stride of this call averaged over overlaps, causal cut in time, fold/cut in space, residual unit."
+    "Mirror of `DownStage`: `blocks` ResBlocks, transposed conv at the stride of this call averaged over overlaps, causal cut in time, fold/cut in space, residual unit."
     def __init__(self, cin: int, cout: int, kernel: tuple, norm: str = 'group', groups: int = 8, padding_mode: str = 'circular',
-                 gain: float = 1.0): # constant output gain of the averaged transposed conv (the Tokeniser sets it, see below)
+                 gain: float = 1.0,  # constant output gain of the averaged transposed conv (the Tokeniser sets it, see below)
+                 blocks: int = 0):   # residual causal conv blocks before the stride, at the coarse grid
         super().__init__()
+        self.blocks = nn.ModuleList([ResBlock(cin, norm, groups, padding_mode) for _ in range(blocks)])
         kt, ks = kernel
         self.kernel, self.padding_mode, self.gain = (kt, ks), padding_mode, float(gain)
         self.conv = nn.ConvTranspose3d(cin, cout, (kt, ks, ks))
@@ -225,6 +255,7 @@ class UpStage(nn.Module):
         return h + self.conv.bias[:, None, None, None]
 
     def forward(self, x, stride: tuple):                                 # (B, Cin, T, H, W), stride (st, ss)
+        for block in self.blocks: x = block(x)
         h = self.upsample(x, stride)                                      # (B, Cout, T·st, H·ss, W·ss)
         return h + self.mix(F.silu(self.norm(h)))                         # same shape; norm per frame
 
@@ -234,16 +265,17 @@ class Tokeniser(nn.Module):
     def __init__(self, config: TokeniserConfig):
         super().__init__()
         self.config = c = config
-        stage = dict(norm=c.norm, groups=c.groups, padding_mode=c.padding_mode)
+        stage = dict(norm=c.norm, groups=c.groups, padding_mode=c.padding_mode, blocks=c.blocks)
         (k1, k2), (kt1, kt2) = c.spatial_kernels, c.temporal_kernels
+        w1, w2 = c.stage_widths                                            # width × channel_multipliers
         self.field_in = nn.Parameter(torch.randn(len(c.field_names), c.embed) / math.sqrt(c.embed))   # one vector per channel name
-        self.encoder = nn.ModuleList([DownStage(c.embed, c.width, (kt1, k1), **stage),
-                                      DownStage(c.width, c.width, (kt2, k2), **stage)])
-        self.to_latent = nn.Conv3d(c.width, c.latent, 1)
-        self.from_latent = nn.Conv3d(c.latent, c.width, 1)
+        self.encoder = nn.ModuleList([DownStage(c.embed, w1, (kt1, k1), **stage),
+                                      DownStage(w1, w2, (kt2, k2), **stage)])
+        self.to_latent = nn.Conv3d(w2, c.latent, 1)
+        self.from_latent = nn.Conv3d(c.latent, w2, 1)
         (s1, s2) = SPATIAL_STAGE_STRIDES[8]                                # decoder gain: unit at the 8x1 level, see `decoder_gains`
-        self.decoder = nn.ModuleList([UpStage(c.width, c.width, (kt2, k2), gain=overlaps((kt2, k2), (1, s2)), **stage),
-                                      UpStage(c.width, c.embed, (kt1, k1), gain=overlaps((kt1, k1), (1, s1)), **stage)])
+        self.decoder = nn.ModuleList([UpStage(w2, w1, (kt2, k2), gain=overlaps((kt2, k2), (1, s2)), **stage),
+                                      UpStage(w1, c.embed, (kt1, k1), gain=overlaps((kt1, k1), (1, s1)), **stage)])
         self.field_out = nn.Parameter(torch.randn(len(c.field_names), c.embed) / math.sqrt(c.embed))  # one row per channel name
         self.field_out_bias = nn.Parameter(torch.zeros(len(c.field_names)))
         self._index = {name: i for i, name in enumerate(c.field_names)}
