@@ -685,6 +685,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                      'physnb/train/dynamics.py'),
                                        'physnb.train.dynamics.StepCurve.__init__': ( 'train.dynamics.html#stepcurve.__init__',
                                                                                      'physnb/train/dynamics.py'),
+                                       'physnb.train.dynamics.StepCurve.add': ( 'train.dynamics.html#stepcurve.add',
+                                                                                'physnb/train/dynamics.py'),
                                        'physnb.train.dynamics._key': ('train.dynamics.html#_key', 'physnb/train/dynamics.py'),
                                        'physnb.train.dynamics.check_finetune': ( 'train.dynamics.html#check_finetune',
                                                                                  'physnb/train/dynamics.py'),
