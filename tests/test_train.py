@@ -48,6 +48,8 @@ SCRIPT = textwrap.dedent('''
     print('TRAINING_DONE', trainer.rank, result['steps'], flush=True)
     if trainer.rank == 0:
         save_checkpoint(os.path.join(out_dir, 'final.safetensors'), model=trainer.model.state_dict(), history=result['history'])
+    if torch.distributed.is_initialized(): torch.distributed.barrier()   # leave together: a rank exiting while rank 0 still
+                                                                          # writes aborted in gloo's teardown on a loaded 2-core box
 ''')
 
 
