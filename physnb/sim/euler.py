@@ -76,7 +76,7 @@ def primitive(U: torch.Tensor,   # conserved state (B, 4, nx, ny)
         b, i, j = _first_bad(bad)
         name = 'density' if not rho[b, i, j] > 0 else 'pressure'
         value = float(rho[b, i, j] if name == 'density' else p[b, i, j])
-        when = '' if t is None else f" at t={float(torch.as_tensor(t).reshape(-1)[b if torch.as_tensor(t).numel() > 1 else 0]):.6g}"
+        when = '' if t is None else f" at t={float(torch.as_tensor(t).expand(len(U))[b]):.6g}"
         raise FloatingPointError(f"euler: {name} = {value:.4g} is not positive in trajectory {b}{when}, cell (i={i}, j={j}); "
                                  "lower the CFL number or use the 'minmod' limiter")
     return torch.stack([rho, u, v, p], 1)
@@ -191,7 +191,7 @@ def _step(self: EulerSolver, U: torch.Tensor, W: torch.Tensor, dt: torch.Tensor)
                      v - a * u * vx - b * (v * vy + py / r),
                      p - a * (u * px + g * p * ux) - b * (v * py + g * p * vy)], 1)
     # edge values h ± s/2; where an edge density or pressure would not be positive, that cell falls back to first order
-    lowest = torch.minimum(h[:, ::3] - sx[:, ::3].abs() / 2, h[:, ::3] - sy[:, ::3].abs() / 2)   # ρ and p, (B, 2, ...)
+    lowest = h[:, ::3] - torch.maximum(sx[:, ::3].abs(), sy[:, ::3].abs()) / 2   # lowest edge ρ and p, (B, 2, ...)
     bad = ~(lowest > 0).all(1, keepdim=True)                            # also catches NaN
     h, sx, sy = torch.where(bad, c, h), torch.where(bad, 0., sx), torch.where(bad, 0., sy)
     # HLLC through x-faces (nx+1, ny) and y-faces (nx, ny+1); y-faces see (ρ, v, u, p)
@@ -412,7 +412,6 @@ def _simulate(self: Euler, n_traj: int, res: int = 64, steps: int = 100, seed: i
     ic = self.check_ic(ic)
     gen = torch.Generator().manual_seed(seed)
     p = self.resolve_params(n_traj, param_split, params, gen)
-    check_gamma(p['gamma'])
     s = EulerSolver(res, lx=self.length, gamma=p['gamma'], boundary=boundary, limiter=self.limiter, cfl=self.cfl,
                     device=get_device(device), dtype=dtype, compile=self.compile)
     if ic == 'lax_liu_3':
