@@ -1,5 +1,6 @@
 # physnb: two commands for a fresh clone (see README):
-#   make main   set up .venv, then run the main job (writes runs/main/)
+#   make main   set up .venv, then run the main job, the tokeniser transfer study (writes runs/main/report.html)
+#               GPU scale: make main PRESET=gpu DEVICE=cuda OUT=runs/main_gpu
 #   make test   set up .venv, then run the whole test suite (notebooks + tests/)
 PY      ?= python3
 VENV    ?= .venv
@@ -7,6 +8,8 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 EXTRAS  ?= dev,oracles
 OUT     ?= runs/main
+PRESET  ?= quickstart
+DEVICE  ?= auto
 SHELL   := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 QUIET   := 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
@@ -27,7 +30,7 @@ install:
 	cp pyproject.toml $(VENV)/.physnb-installed
 
 main: setup
-	$(BIN)/physnb main --out $(OUT)
+	$(BIN)/physnb main --out-dir $(OUT) --preset $(PRESET) --device $(DEVICE)
 
 test: setup
 	$(MAKE) --no-print-directory test-notebooks test-pytest
