@@ -37,3 +37,25 @@ def pyro_quad(n: int,                   # cells per side of the unit box
         finally: os.chdir(cwd)
     U = np.stack([np.array(sim.get_var(k).v()) for k in ('density', 'x-momentum', 'y-momentum', 'energy')])
     return dict(U=U, t=float(sim.get_sim().cc_data.t), steps=int(sim.get_sim().n), wall=wall)
+
+
+def the_well_avit():
+    """the_well 1.2.0's `AViT` baseline class (`the_well.benchmark.models.AViT`).
+
+    the_well's models package imports `timm` (which needs a torchvision built for the installed torch) for
+    `DropPath` and `trunc_normal_`, which AViT uses only with `drop_path > 0`. When timm is not installed, a
+    stand-in module gives those two names (DropPath refuses any p > 0), so AViT itself runs unchanged."""
+    import importlib, sys, types
+    try: importlib.import_module('timm.layers')
+    except ImportError:
+        import torch
+        class DropPath(torch.nn.Module):
+            def __init__(self, p=0.0, *args, **kwargs):
+                super().__init__()
+                if p: raise NotImplementedError('the timm stand-in supports drop_path=0 only: pip install timm for more')
+            def forward(self, x): return x
+        for name in ('timm', 'timm.layers', 'timm.models', 'timm.models.layers'):
+            mod = sys.modules.setdefault(name, types.ModuleType(name))
+            mod.DropPath, mod.trunc_normal_ = DropPath, torch.nn.init.trunc_normal_
+    from the_well.benchmark.models import AViT
+    return AViT

@@ -110,3 +110,26 @@ def test_cli_finetune(tmp_path, capsys):
     assert main(['finetune', '--freeze', 'partly', '--out-dir', str(tmp_path / 'bad')]) == 2
     assert "freeze='partly' is not one of 'none', 'mostly', 'full'" in capsys.readouterr().err
     assert not (tmp_path / 'bad').exists()
+
+
+@pytest.mark.slow
+def test_ddp_under_torchrun_matches_one_process(tmp_path):
+    "2 gloo ranks (4 windows each) train the dynamics model (in-domain tokeniser pretrained under DDP too) to the weights of one process."
+    import subprocess, sys
+    from _launch import torchrun
+    from physnb.core import load_checkpoint
+    args = ['finetune', '--source', 'in_domain', '--freeze', 'mostly', '--steps', '3', '--pretrain-steps', '2', '--res', '16',
+            '--n-traj', '12', '--batch-size', '8', '--eval-every', '2', '--device', 'cpu']
+    env = dict(os.environ, OMP_NUM_THREADS='1', PHYSNB_PROGRESS='0')
+    runs = {}
+    for name, launcher in (('one', [sys.executable]), ('two', torchrun())):
+        r = subprocess.run(launcher + ['-m', 'physnb.cli', *args, '--out-dir', str(tmp_path / name), '--data-root', str(tmp_path / f'data_{name}')],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        if name == 'two' and r.returncode != 0 and 'physnb' not in r.stderr: pytest.skip(f'torchrun could not start: {r.stderr[-500:]}')
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = json.loads((tmp_path / name / 'results.json').read_text())['metrics']
+    w1, w2 = (load_checkpoint(tmp_path / n / 'checkpoints' / 'last.safetensors')['model'] for n in ('one', 'two'))
+    assert w1.keys() == w2.keys()
+    for key, tensor in w1.items(): torch.testing.assert_close(w2[key], tensor, rtol=1e-3, atol=1e-4, msg=key)   # all-reduce order
+    for a, b in zip(runs['one']['curve'], runs['two']['curve']): assert a['vrmse'] == pytest.approx(b['vrmse'], rel=1e-3)
+    assert [p.name for p in (tmp_path / 'two').iterdir() if p.name.startswith('.')] == []     # no temporary files left
