@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from fastcore.docments import docments
 
-from .core import atomic_write, get_device, set_threads, progress
+from .core import atomic_write, get_device, interruptible, set_threads, progress
 from .sim.systems import SYSTEMS, get_system
 from .data.well import check_well_file, read_well
 from .data.info import info, info_text
@@ -67,6 +67,7 @@ def parse_params(items: list[str] | None, # ["F=0.03", "k=0.062"]
     for item in items or []:
         name, sep, value = item.partition('=')
         if not sep or not name: raise ValueError(f"--params item {item!r} must look like NAME=VALUE, e.g. F=0.03")
+        if name in out: raise ValueError(f"--params gives {name} twice ({name}={out[name]:g} and {item}); give each parameter once")
         try: out[name] = float(value)
         except ValueError: raise ValueError(f"--params {name}={value!r}: the value must be a number") from None
     return out
@@ -84,6 +85,7 @@ def generate(system: str,                   # system name (see `physnb systems`)
              boundary: str | None = None,   # boundary condition on all sides, where a system offers several (euler: periodic, open)
              params: list[str] | None = None, # fix physical parameters: NAME=VALUE ...
              threads: int | None = None,    # torch CPU threads (default $OMP_NUM_THREADS or 1)
+             overwrite: bool = False,       # replace a dataset that another request made (default: refuse and say what differs)
             ) -> dict:                      # what generate_dataset wrote
     "Simulate a system and write a Well-format dataset (resumable by file)."
     set_threads(threads)
@@ -94,7 +96,7 @@ def generate(system: str,                   # system name (see `physnb systems`)
         raise ValueError(f"--boundary={boundary!r} is not one of {', '.join(map(repr, sys_.boundaries))} for system {system!r}")
     kw = ({} if steps is None else {'steps': steps}) | ({} if ic is None else {'ic': ic}) | ({} if boundary is None else {'boundary': boundary})
     return generate_dataset(sys_, out, n_traj=n_traj, res=res, seed=seed, device=str(get_device(device)),
-                            param_split=param_split, params=parse_params(params) or None, **kw)
+                            param_split=param_split, params=parse_params(params) or None, overwrite=overwrite, **kw)
 
 def info_command(path: str,              # a Well file, split folder or dataset root
                  as_json: bool = False,  # print the summary as JSON
@@ -195,9 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     "Entry point of the `physnb` command."
     args = vars(make_parser().parse_args(argv))
     command = args.pop('command')
-    try: out = COMMANDS[command](**args)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError, FloatingPointError) as e:   # RuntimeError: no CUDA, ...
+    try:
+        with interruptible(): out = COMMANDS[command](**args)    # SIGTERM, like Ctrl-C, unwinds: temporaries are removed
+    except (ValueError, KeyError, OSError, RuntimeError, FloatingPointError) as e:   # OSError: paths, full disk; RuntimeError: no CUDA, ...
         print(f"physnb {command}: error: {e}", file=sys.stderr); return 2
+    except KeyboardInterrupt as e:                   # Ctrl-C or SIGTERM (Interrupted): every atomic writer has cleaned up
+        print(f"physnb {command}: {e or 'interrupted'}; no partial files left", file=sys.stderr)
+        return getattr(e, 'exit_code', 130)
     if out is not None: print(out if isinstance(out, str) else json.dumps(_jsonable(out), indent=1))
     return 0
 

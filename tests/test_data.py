@@ -450,10 +450,13 @@ def test_generate_dataset_remakes_files_when_the_request_changes_and_refuses_sta
     sysm = WaveSystem()
     generate_dataset(sysm, tmp_path, n_traj=3, res=8, steps=3, seed=0, progress=False)
     n = len(sysm._calls)
-    out = generate_dataset(sysm, tmp_path, n_traj=3, res=12, steps=3, seed=0, progress=False)  # new resolution
+    with pytest.raises(ValueError, match="res 8 on disk, 12 asked"):                             # refused, nothing simulated
+        generate_dataset(sysm, tmp_path, n_traj=3, res=12, steps=3, seed=0, progress=False)
+    assert len(sysm._calls) == n
+    out = generate_dataset(sysm, tmp_path, n_traj=3, res=12, steps=3, seed=0, progress=False, overwrite=True)  # new resolution
     assert len(sysm._calls) == n + 3 and out['skipped'] == []
     assert read_well(out['files']['train'][0]).fields['u'].shape[-2:] == (12, 12)
-    generate_dataset(sysm, tmp_path, n_traj=10, res=12, steps=3, seed=0, chunk=4, progress=False)   # more files
+    generate_dataset(sysm, tmp_path, n_traj=10, res=12, steps=3, seed=0, chunk=4, progress=False, overwrite=True)   # more files
     with pytest.raises(ValueError, match='holds files this run would not write'):
         generate_dataset(sysm, tmp_path, n_traj=3, res=12, steps=3, seed=0, progress=False)
 
@@ -482,7 +485,9 @@ def test_generate_dataset_remakes_files_when_the_system_or_its_settings_change(t
     u = {p: read_well(p).fields['u'] for v in plain['files'].values() for p in v}
     rms_plain = load_stats(plain['stats'])['rms']['u']
     loud = ScaledWave(2.0)
-    out = generate_dataset(loud, tmp_path, **kw)                       # another class, same folder name
+    with pytest.raises(ValueError, match="system 'WaveSystem' on disk, 'ScaledWave' asked"):
+        generate_dataset(loud, tmp_path, **kw)
+    out = generate_dataset(loud, tmp_path, overwrite=True, **kw)       # another class, same folder name
     assert out['skipped'] == [] and len(loud._calls) == 4
     for p, v in u.items(): torch.testing.assert_close(read_well(p).fields['u'], 2 * v, rtol=0, atol=0)
     assert read_well(p).attrs['request']['system'] == 'ScaledWave'
@@ -492,7 +497,7 @@ def test_generate_dataset_remakes_files_when_the_system_or_its_settings_change(t
     assert len(again['skipped']) == 4 and len(loud._calls) == 4
     assert {p: p.stat().st_mtime_ns for p in u} == mtimes
     assert len(generate_dataset(ScaledWave(2.0), tmp_path, **kw)['skipped']) == 4   # an equal instance is the same request
-    out = generate_dataset(ScaledWave(3.0), tmp_path, **kw)           # another setting: everything remade
+    out = generate_dataset(ScaledWave(3.0), tmp_path, overwrite=True, **kw)   # another setting: everything remade
     assert out['skipped'] == []
     for p, v in u.items(): torch.testing.assert_close(read_well(p).fields['u'], 3 * v, rtol=0, atol=0)
     assert load_stats(out['stats'])['rms']['u'] == pytest.approx(3 * rms_plain, rel=1e-5)   # stats.yaml remade too

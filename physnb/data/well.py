@@ -4,7 +4,7 @@
 
 # %% ../../nbs/02_data.well.ipynb #f2d9bce3
 from __future__ import annotations
-import itertools, json, math
+import errno, io, itertools, json, math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import torch
 
-from ..core import Trajectories, atomic_path
+from ..core import Trajectories, atomic_path, no_space_error
 
 
 # %% auto #0
@@ -91,8 +91,19 @@ def write_well(traj: Trajectories,        # a batch of trajectories (any device/
               ) -> Path:
     "Write `traj` as one The Well HDF5 file, atomically (a crash leaves neither the file nor a temp)."
     path = Path(path); _check_traj(traj, path)
+    image = io.BytesIO()                 # built in memory: HDF5 itself never meets a full disk (it can crash on close there)
+    _write_image(image, traj, dataset_name, grid_type, compression)
+    data = image.getbuffer()
+    try:
+        with atomic_path(path) as tmp, open(tmp, 'wb') as out: out.write(data)
+    except OSError as e:
+        if e.errno == errno.ENOSPC: raise no_space_error(path, len(data)) from None
+        raise
+    return path
+
+def _write_image(image, traj: Trajectories, dataset_name, grid_type, compression):
     dims = list(traj.coords); n_dims = len(dims); B, T = traj.n_traj, traj.n_steps
-    with atomic_path(path) as tmp, h5py.File(tmp, 'w') as f:
+    with h5py.File(image, 'w') as f:
         f.attrs['dataset_name'] = dataset_name or traj.name
         f.attrs['grid_type'] = grid_type
         f.attrs['n_spatial_dims'] = n_dims
@@ -118,7 +129,6 @@ def write_well(traj: Trajectories,        # a batch of trajectories (any device/
         for k, v in traj.scalars.items():
             d = g.create_dataset(k, data=_f32(v)); d.attrs['sample_varying'] = True; d.attrs['time_varying'] = False
         _write_fields(f, traj, n_dims, compression)
-    return path
 
 # %% ../../nbs/02_data.well.ipynb #9be085f4
 def travelling_wave(speeds=(0.5, 1.0), nx=16, ny=8, steps=5, dt=0.25, k=1) -> Trajectories:

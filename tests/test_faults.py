@@ -1,0 +1,168 @@
+"""Faults a user meets: a rerun with other arguments, a full disk, a kill or SIGTERM mid-write, a bad output path.
+Each test is one case of the adversarial trial (issue 12); nothing a user made may be lost, nothing half-written kept."""
+import errno, json, os, signal, subprocess, sys, textwrap
+from pathlib import Path
+
+import h5py, numpy as np, pytest
+
+import physnb.data.well as well
+import physnb.data.generate as generate
+from physnb.core import Interrupted, interruptible
+from physnb.data.generate import generate_dataset
+from physnb.sim.systems import SYSTEMS
+from physnb.cli import parse_params
+
+EXE = Path(sys.executable).parent / 'physnb'
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PHYSNB_PROGRESS': '0'}
+
+def physnb(*args):
+    return subprocess.run([str(EXE), *map(str, args)], capture_output=True, text=True, env=ENV, timeout=300)
+
+def snapshot(root):
+    "Every file under `root` with its size and content hash (what a user would lose)."
+    return {p.relative_to(root): p.read_bytes() for p in sorted(Path(root).rglob('*')) if p.is_file()}
+
+def temporaries(root):
+    return [p for p in Path(root).rglob('.*.tmp')]
+
+GEN = ('generate', 'gray_scott', '--res', 16, '--device', 'cpu')
+
+
+def test_a_rerun_with_other_arguments_is_refused_and_overwrite_replaces_on_purpose(tmp_path):
+    assert physnb(*GEN, '--out', tmp_path, '--n-traj', 6, '--steps', 4).returncode == 0
+    before = snapshot(tmp_path)
+    r = physnb(*GEN, '--out', tmp_path, '--n-traj', 3, '--steps', 2)
+    assert r.returncode == 2, r.stderr
+    assert 'another request' in r.stderr and "steps 4 on disk, 2 asked" in r.stderr and '--overwrite' in r.stderr, r.stderr
+    assert snapshot(tmp_path) == before                                  # nothing touched
+    r = physnb(*GEN, '--out', tmp_path, '--n-traj', 6, '--steps', 4, '--seed', 1)
+    assert r.returncode == 2 and 'the seed' in r.stderr and snapshot(tmp_path) == before
+    r = physnb(*GEN, '--out', tmp_path, '--n-traj', 3, '--steps', 2, '--overwrite')
+    assert r.returncode == 0, r.stderr
+    with h5py.File(tmp_path / 'gray_scott/data/train/gray_scott_train_0000.hdf5') as f:
+        assert f['t0_fields/A'].shape[:2] == (1, 3)                       # 1 train trajectory, steps 2 -> 3 frames
+    assert physnb(*GEN, '--out', tmp_path, '--n-traj', 3, '--steps', 2).returncode == 0   # the same request resumes
+
+
+def test_a_more_files_rerun_is_refused_and_overwrite_removes_the_extra_files(tmp_path):
+    kw = dict(res=16, steps=2, seed=0, progress=False, device='cpu')
+    generate_dataset(SYSTEMS['gray_scott'], tmp_path, n_traj=10, chunk=4, **kw)
+    with pytest.raises(ValueError, match='holds files this run would not write'):
+        generate_dataset(SYSTEMS['gray_scott'], tmp_path, n_traj=3, **kw)
+    out = generate_dataset(SYSTEMS['gray_scott'], tmp_path, n_traj=3, overwrite=True, **kw)
+    assert sorted(tmp_path.rglob('*.hdf5')) == sorted(p for v in out['files'].values() for p in v)
+
+
+def test_a_damaged_file_is_remade_not_refused(tmp_path):
+    "A file that is not a whole Well file has nothing readable to lose: it is remade, like a missing one."
+    kw = dict(n_traj=3, res=16, steps=2, seed=0, progress=False, device='cpu')
+    out = generate_dataset(SYSTEMS['gray_scott'], tmp_path, **kw)
+    victim = out['files']['valid'][0]; good = victim.read_bytes(); victim.write_bytes(b'not hdf5 at all')
+    again = generate_dataset(SYSTEMS['gray_scott'], tmp_path, **kw)
+    assert victim not in again['skipped'] and victim.read_bytes() == good
+
+
+def test_disk_full_is_a_clear_error_before_simulating_the_rest(tmp_path, monkeypatch):
+    "The first simulated file's size, times the trajectories left, is checked against the free space."
+    import physnb.core as core
+    monkeypatch.setattr(core.shutil, 'disk_usage', lambda p: type('U', (), {'free': 50_000})())
+    with pytest.raises(OSError, match=r'no space left on the filesystem of .*gray_scott .*needs about .* MB, 0.0 MB free') as e:
+        generate_dataset(SYSTEMS['gray_scott'], tmp_path, n_traj=30, res=32, steps=20, progress=False, device='cpu')
+    assert e.value.errno == errno.ENOSPC
+    assert list(tmp_path.rglob('*.hdf5')) == [] and temporaries(tmp_path) == []
+
+
+def test_disk_full_while_writing_removes_the_partial_file(tmp_path, monkeypatch):
+    "ENOSPC from the file system itself (here /dev/full) ends in a named error and no temporary."
+    real_open = open
+    def full_open(path, mode='r', *a, **kw):
+        if 'w' in mode and str(path).endswith('.tmp'):
+            real_open(path, mode).close()
+            return real_open('/dev/full', mode)
+        return real_open(path, mode, *a, **kw)
+    if not Path('/dev/full').exists(): pytest.skip('/dev/full is not available here')
+    monkeypatch.setattr(well, 'open', full_open, raising=False)
+    with pytest.raises(OSError, match=r'no space left on device writing .*gray_scott_train_0000.hdf5 \(needed about .* MB') as e:
+        generate_dataset(SYSTEMS['gray_scott'], tmp_path, n_traj=3, res=16, steps=2, progress=False, device='cpu')
+    assert e.value.errno == errno.ENOSPC and temporaries(tmp_path) == [] and list(tmp_path.rglob('*.hdf5')) == []
+    r = physnb(*GEN, '--out', tmp_path, '--n-traj', 3, '--steps', 2)         # the next run simply works
+    assert r.returncode == 0, r.stderr
+
+
+KILLER = textwrap.dedent('''
+    import os, signal, sys
+    import physnb.data.well as well
+    from physnb.cli import main
+    real_open, calls = open, []
+    class Dying:
+        "A file that receives SIGTERM half-way through its write, then goes on writing, as a real write would."
+        def __init__(self, f): self.f = f
+        def __enter__(self): return self
+        def __exit__(self, *a): self.f.close()
+        def write(self, data):
+            self.f.write(bytes(data[:len(data) // 2])); os.kill(os.getpid(), signal.{sig}); return self.f.write(bytes(data[len(data) // 2:]))
+    def dying_open(path, mode='r', *a, **kw):
+        f = real_open(path, mode, *a, **kw)
+        if 'w' in mode and str(path).endswith('.tmp'):
+            calls.append(path)
+            if len(calls) == 2: return Dying(f)          # the second file: the first is whole and stays
+        return f
+    well.open = dying_open
+    sys.exit(main(sys.argv[1:]))
+''')
+
+@pytest.mark.parametrize('sig, code', [('SIGTERM', 143), ('SIGINT', 130)])
+def test_sigterm_or_ctrl_c_mid_write_ends_nonzero_and_leaves_no_temporary(tmp_path, sig, code):
+    script = tmp_path / 'killer.py'; script.write_text(KILLER.format(sig=sig))
+    out = tmp_path / 'out'
+    r = subprocess.run([sys.executable, str(script), *map(str, GEN), '--out', str(out), '--n-traj', '3', '--steps', '2'],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
+    assert f'stopped by {sig}' in r.stderr and 'no partial files left' in r.stderr
+    assert temporaries(out) == []
+    written = sorted(out.rglob('*.hdf5'))
+    assert len(written) == 1; well.check_well_file(written[0])          # the file finished before the signal is whole
+    assert physnb(*GEN, '--out', out, '--n-traj', 3, '--steps', 2).returncode == 0     # and the run resumes
+
+
+def test_kill_9_leftovers_are_removed_when_the_run_resumes(tmp_path):
+    assert physnb(*GEN, '--out', tmp_path, '--n-traj', 3, '--steps', 2).returncode == 0
+    split = tmp_path / 'gray_scott/data/train'
+    stale = split / '.gray_scott_train_0000.hdf5.k9x2ab.tmp'; stale.write_bytes(b'\0' * 4096)   # what kill -9 leaves
+    (split / 'gray_scott_train_0000.hdf5').unlink()
+    r = physnb(*GEN, '--out', tmp_path, '--n-traj', 3, '--steps', 2)
+    assert r.returncode == 0, r.stderr
+    assert not stale.exists() and temporaries(tmp_path) == []
+    assert json.loads(r.stdout)['removed_temporaries'] == [str(stale)]
+
+
+def test_a_bad_output_location_fails_before_simulating_and_names_the_path(tmp_path):
+    afile = tmp_path / 'not_a_folder'; afile.write_text('x')
+    r = physnb(*GEN, '--out', afile, '--n-traj', 3, '--steps', 2)
+    assert r.returncode == 2 and f'{afile} is a file, not a folder' in r.stderr, r.stderr
+    assert 'Traceback' not in r.stderr
+
+
+def test_a_read_only_output_fails_before_simulating(tmp_path, monkeypatch):
+    calls = []
+    sysm = SYSTEMS['gray_scott']
+    monkeypatch.setattr(type(sysm), 'simulate', lambda *a, **k: calls.append(1))
+    def denied(*a, **kw): raise PermissionError(errno.EACCES, 'Permission denied')
+    monkeypatch.setattr(generate.tempfile, 'mkstemp', denied)
+    with pytest.raises(PermissionError, match=f'cannot write the dataset to {tmp_path}/gray_scott: Permission denied'):
+        generate_dataset(sysm, tmp_path, n_traj=3, res=16, steps=2, progress=False, device='cpu')
+    assert calls == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root ignores file permissions')
+def test_a_read_only_folder_is_refused_by_the_cli(tmp_path):
+    ro = tmp_path / 'ro'; ro.mkdir(); ro.chmod(0o555)
+    try:
+        r = physnb(*GEN, '--out', ro, '--n-traj', 3, '--steps', 2)
+        assert r.returncode == 2 and f'{ro}' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    finally: ro.chmod(0o755)
+
+
+def test_a_parameter_given_twice_is_an_error():
+    with pytest.raises(ValueError, match='gives F twice'): parse_params(['F=0.03', 'F=0.05'])
+    assert parse_params(['F=0.03', 'k=0.06']) == {'F': 0.03, 'k': 0.06}
