@@ -25,6 +25,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'physnb.core.Trajectories.split': ('core.html#trajectories.split', 'physnb/core.py'),
                              'physnb.core.Trajectories.to': ('core.html#trajectories.to', 'physnb/core.py'),
                              'physnb.core.Trajectories.validate': ('core.html#trajectories.validate', 'physnb/core.py'),
+                             'physnb.core._digest': ('core.html#_digest', 'physnb/core.py'),
                              'physnb.core._flatten': ('core.html#_flatten', 'physnb/core.py'),
                              'physnb.core._mb': ('core.html#_mb', 'physnb/core.py'),
                              'physnb.core._raise_interrupted': ('core.html#_raise_interrupted', 'physnb/core.py'),

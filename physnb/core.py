@@ -180,6 +180,14 @@ def _unflatten(obj, tensors):
     return obj
 
 # %% ../nbs/00_core.ipynb #825825ff
+def _digest(tensors: dict) -> str:
+    "SHA-256 of every tensor's name, dtype, shape and bytes, in name order: safetensors itself stores no checksum."
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f'{k}|{t.dtype}|{tuple(t.shape)}|'.encode()); h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
 def save_checkpoint(path: str | Path, # destination `.safetensors` file, written atomically
                     **parts,          # named nested states: model=..., optimizer=..., step=3, rng=...
                    ) -> Path:
@@ -193,7 +201,7 @@ def save_checkpoint(path: str | Path, # destination `.safetensors` file, written
         if ptr in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size(): tensors[k] = t.clone()
         seen.add(ptr)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={'physnb': json.dumps(tree)})
+        save_file(tensors, str(tmp), metadata={'physnb': json.dumps(tree), 'sha256': _digest(tensors)})
     return Path(path)
 
 def load_checkpoint(path: str | Path,               # a file written by `save_checkpoint`
@@ -209,6 +217,11 @@ def load_checkpoint(path: str | Path,               # a file written by `save_ch
     except Exception as e:
         raise ValueError(f"checkpoint {str(path)!r} is not a readable safetensors file: {e}") from e
     if 'physnb' not in meta: raise ValueError(f"checkpoint {str(path)!r} has no 'physnb' metadata (not written by save_checkpoint)")
+    if 'sha256' in meta and _digest(tensors) != meta['sha256']:      # files from before the checksum have none
+        raise ValueError(f"checkpoint {str(path)!r} is damaged: its tensor bytes do not match the checksum stored when it was saved")
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad: raise ValueError(f"checkpoint {str(path)!r} holds non-finite values (NaN or inf) in {len(bad)} tensor(s), e.g. "
+                             f"{', '.join(map(repr, bad[:3]))}: the file is damaged or was saved from a diverged run; refusing to load it")
     return {name: _unflatten(part, tensors) for name, part in json.loads(meta['physnb']).items()}
 
 # %% ../nbs/00_core.ipynb #d0f1f571

@@ -166,3 +166,55 @@ def test_a_read_only_folder_is_refused_by_the_cli(tmp_path):
 def test_a_parameter_given_twice_is_an_error():
     with pytest.raises(ValueError, match='gives F twice'): parse_params(['F=0.03', 'F=0.05'])
     assert parse_params(['F=0.03', 'k=0.06']) == {'F': 0.03, 'k': 0.06}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+import torch
+from torch import nn
+from dataclasses import asdict
+from physnb.core import save_checkpoint, load_checkpoint
+from physnb.models.tokeniser import Tokeniser, TokeniserConfig, save_tokeniser, load_tokeniser
+from physnb.train.trainer import TrainConfig, Trainer
+
+def garble(path):
+    "Overwrite the middle of a safetensors file's tensor bytes with 0xFF (NaN in float32), leaving its header whole."
+    b = bytearray(path.read_bytes()); start = 8 + int.from_bytes(b[:8], 'little')
+    mid = (start + len(b)) // 2; b[mid:mid + 64] = b'\xff' * 64; path.write_bytes(bytes(b))
+
+def small_tokeniser(**kw):
+    torch.manual_seed(0); return Tokeniser(TokeniserConfig(field_names=['u', 'v'], width=8, latent=4, **kw))
+
+def test_a_checkpoint_with_garbled_tensor_bytes_is_refused(tmp_path):
+    p = save_tokeniser(tmp_path / 'tok.safetensors', small_tokeniser())
+    garble(p)
+    with pytest.raises(ValueError, match=r"tok.safetensors' is damaged: its tensor bytes do not match the checksum"): load_tokeniser(p)
+    with pytest.raises(ValueError, match='is damaged'): load_checkpoint(p)
+
+def test_a_config_that_does_not_fit_the_weights_names_the_file(tmp_path):
+    small, wide = small_tokeniser(), Tokeniser(TokeniserConfig(field_names=['u', 'v'], width=16, latent=4))
+    p = save_checkpoint(tmp_path / 'mixed.safetensors', config=asdict(wide.config), model=small.state_dict())
+    with pytest.raises(ValueError, match=r"mixed.safetensors': its weights do not fit the tokeniser its config describes \(size mismatch"):
+        load_tokeniser(p)
+
+def _trainer(out_dir):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0); x = torch.randn(32, 1, 8, generator=g)
+    data = torch.utils.data.TensorDataset(x, 2 * x)
+    return Trainer(nn.Conv1d(1, 1, 3, padding=1), data, config=TrainConfig(epochs=1, batch_size=8, device='cpu', progress=False,
+                                                                         out_dir=str(out_dir)))
+
+def test_resume_refuses_a_garbled_run_and_a_checkpoint_of_another_kind(tmp_path):
+    _trainer(tmp_path / 'run').fit()
+    garble(tmp_path / 'run' / 'last.safetensors')
+    with pytest.raises(ValueError, match='last.safetensors.* is damaged'): _trainer(tmp_path / 'run').fit()
+    other = tmp_path / 'other'; other.mkdir()
+    save_tokeniser(other / 'last.safetensors', small_tokeniser())
+    with pytest.raises(ValueError, match=r"holds a tokeniser \(save_tokeniser\) with parts \['config', 'model'\], not a run to resume"):
+        _trainer(other).fit()
+
+def test_non_finite_weights_saved_from_a_diverged_run_are_refused_on_load(tmp_path):
+    tok = small_tokeniser()
+    with torch.no_grad(): next(tok.parameters()).view(-1)[0] = float('nan')
+    p = save_tokeniser(tmp_path / 'diverged.safetensors', tok)                # the checksum is right; the values are not
+    with pytest.raises(ValueError, match=r"holds non-finite values \(NaN or inf\) in 1 tensor\(s\), e.g. 'model/"): load_tokeniser(p)

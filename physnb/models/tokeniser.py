@@ -466,8 +466,13 @@ def load_tokeniser(path,                    # a file written by `save_tokeniser`
         raise ValueError(f"{str(path)!r} holds parts {sorted(parts)}, not a tokeniser (needs 'config' and 'model')")
     config = dict(parts['config'])
     if 'fields' in config: config['field_names'] = config.pop('fields')    # written before the name was field_names
-    tok = Tokeniser(TokeniserConfig(**config)).to(map_location)
-    tok.load_state_dict(parts['model'])
+    try: tok = Tokeniser(TokeniserConfig(**config)).to(map_location)
+    except TypeError as e: raise ValueError(f"{str(path)!r}: its tokeniser config does not fit this physnb ({e})") from None
+    try: tok.load_state_dict(parts['model'])
+    except RuntimeError as e:
+        first = [l.strip() for l in str(e).splitlines() if l.strip()][1:3]
+        raise ValueError(f"{str(path)!r}: its weights do not fit the tokeniser its config describes ({'; '.join(first)}); "
+                         f"the file was edited or written by another physnb") from None
     return tok
 
 # %% ../../nbs/03_models.tokeniser.ipynb #b80e070d

@@ -448,6 +448,12 @@ def _plain(v): return list(v) if isinstance(v, tuple) else v
 def load(self: Trainer, path: str | Path):
     "Restore a `last.safetensors` written by `save`, after checking that the config matches."
     ck = load_checkpoint(path)
+    missing = [k for k in ('trainer', 'optimizer', 'config', 'model') if k not in ck]
+    if missing:
+        kind = ('a tokeniser (save_tokeniser)' if isinstance(ck.get('config'), dict) and 'field_names' in ck['config'] and 'trainer' not in ck
+                else 'a best-model file (best.safetensors: weights only)' if 'metric' in ck else 'another kind of checkpoint')
+        raise ValueError(f"{path} holds {kind} with parts {sorted(ck)}, not a run to resume: a Trainer resumes from the "
+                         f"last.safetensors that Trainer.save writes (parts config, model, optimizer, trainer, ...)")
     self._check_config(ck['config'])
     try: self.model.load_state_dict(ck['model'])
     except RuntimeError as e:
