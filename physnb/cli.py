@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_cli.ipynb #7ad2fa99
 from __future__ import annotations
-import argparse, inspect, json, sys, time, types, typing
+import argparse, inspect, json, os, sys, time, types, typing
 from pathlib import Path
 from typing import Sequence
 
@@ -22,8 +22,8 @@ from .train.dynamics import run_finetune
 from .train.token_study import run_token_study
 
 # %% auto #0
-__all__ = ['MAIN_SYSTEMS', 'COMMANDS', 'POSITIONAL', 'ALIASES', 'add_options', 'parse_params', 'generate', 'info_command',
-           'systems_command', 'preview_figure', 'run_preview', 'make_parser', 'main']
+__all__ = ['MAIN_SYSTEMS', 'COMMANDS', 'POSITIONAL', 'ALIASES', 'add_options', 'parse_params', 'check_sizes', 'generate',
+           'info_command', 'systems_command', 'preview_figure', 'run_preview', 'make_parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #23999f12
 def _kind(hint) -> tuple[type, str | None, bool]:
@@ -73,11 +73,31 @@ def parse_params(items: list[str] | None, # ["F=0.03", "k=0.062"]
     return out
 
 # %% ../nbs/10_cli.ipynb #ae7672d4
+def _memory_bytes() -> int:
+    "Memory this machine has available (MemAvailable on Linux, else physical memory)."
+    try:
+        for line in open('/proc/meminfo'):
+            if line.startswith('MemAvailable:'): return int(line.split()[1]) * 1024
+    except OSError: pass
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+def check_sizes(n_traj: int, res: int, steps: int | None, what: str = 'generate') -> None:
+    "Sizes a dataset can have: positive, a grid of at least 8, and fields that fit in memory (checked before any work)."
+    for flag, value, least in (('--n-traj', n_traj, 1), ('--res', res, 8), ('--steps', steps, 1)):
+        if value is not None and value < least: raise ValueError(f"{flag}={value} must be >= {least}")
+    frames = (steps or 1) + 1
+    need = n_traj * frames * res ** 2 * 4                      # one float32 channel, 2-D: a lower bound on what is held
+    have = _memory_bytes()
+    if need > have:
+        raise ValueError(f"{what} --n-traj {n_traj} --res {res} --steps {steps}: the fields alone need at least "
+                         f"{need / 2**30:,.1f} GiB in memory, this machine has {have / 2**30:,.1f} GiB available; "
+                         f"use fewer trajectories, frames or grid points (or generate in parts with generate_dataset(chunk=...))")
+
 def generate(system: str,                   # system name (see `physnb systems`)
              out: str,                      # dataset root; writes OUT/NAME/data/{train,valid,test} and OUT/NAME/stats.yaml
              n_traj: int = 16,              # trajectories in total over the three splits
              res: int = 64,                 # grid points per side
-             steps: int | None = None,      # saved time steps per trajectory (the system's default if omitted)
+             steps: int | None = None,      # time steps after the initial frame: steps + 1 frames are saved (the system's default if omitted)
              seed: int = 0,                 # master seed; every file derives its own
              device: str = 'auto',          # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
              param_split: str = 'id',       # named parameter split, e.g. 'id' or 'ood' (see `physnb systems`)
@@ -89,8 +109,7 @@ def generate(system: str,                   # system name (see `physnb systems`)
             ) -> dict:                      # what generate_dataset wrote
     "Simulate a system and write a Well-format dataset (resumable by file)."
     set_threads(threads)
-    for flag, value, least in (('--n-traj', n_traj, 1), ('--res', res, 8), ('--steps', steps, 1)):
-        if value is not None and value < least: raise ValueError(f"{flag}={value} must be >= {least}")
+    check_sizes(n_traj, res, steps)
     sys_ = get_system(system)
     if boundary is not None and boundary not in sys_.boundaries:
         raise ValueError(f"--boundary={boundary!r} is not one of {', '.join(map(repr, sys_.boundaries))} for system {system!r}")
@@ -154,6 +173,8 @@ def run_preview(out: str = 'runs/preview', # output folder: data/ (Well datasets
              systems: tuple[str, ...] = MAIN_SYSTEMS, # the systems to generate
             ) -> dict:
     "Generate a small multi-system Well dataset, verify every file, and write an animated HTML preview."
+    check_sizes(n_traj * len(systems), res, steps, 'preview')
+    for name in systems: get_system(name)                          # an unknown system fails before any work
     out = Path(out); t0 = time.time(); set_threads()
     summary = {}
     for name in progress(systems, desc='preview'):

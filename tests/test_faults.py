@@ -218,3 +218,73 @@ def test_non_finite_weights_saved_from_a_diverged_run_are_refused_on_load(tmp_pa
     with torch.no_grad(): next(tok.parameters()).view(-1)[0] = float('nan')
     p = save_tokeniser(tmp_path / 'diverged.safetensors', tok)                # the checksum is right; the values are not
     with pytest.raises(ValueError, match=r"holds non-finite values \(NaN or inf\) in 1 tensor\(s\), e.g. 'model/"): load_tokeniser(p)
+
+
+# ---------------------------------------------------------------- datasets do not trust their files
+
+from physnb.data.well import WellFormatError, check_well_file
+from physnb.data.datasets import WellDataset
+
+@pytest.fixture
+def dataset(tmp_path):
+    return generate_dataset(SYSTEMS['gray_scott'], tmp_path, n_traj=5, res=16, steps=4, seed=0, progress=False, device='cpu',
+                            fractions=(1, 0, 0))
+
+def test_a_wrong_trajectory_count_is_refused_at_open_and_by_info(dataset):
+    p = dataset['files']['train'][0]
+    with h5py.File(p, 'r+') as f: f.attrs['n_trajectories'] = 50
+    with pytest.raises(WellFormatError, match=f'{p.name}.*'): WellDataset(p, n_steps_input=1, n_steps_output=1)
+    r = physnb('info', p)
+    assert r.returncode != 0 and p.name in r.stderr, (r.returncode, r.stdout, r.stderr)
+
+def test_a_nan_in_a_file_is_named_when_its_sample_is_served(dataset):
+    p = dataset['files']['train'][0]
+    with h5py.File(p, 'r+') as f: f['t0_fields/B'][2, 3, 5, 7] = np.nan
+    ds = WellDataset(p, n_steps_input=1, n_steps_output=1)
+    good = ds[0]                                                         # trajectory 0 is fine
+    bad = next(i for i in range(len(ds)) if ds.locate(i)[1:] == (2, 2))  # trajectory 2, window starting at time 2
+    with pytest.raises(WellFormatError, match=rf"{p.name}: field 'B', trajectory 2, time index 3 holds non-finite values"):
+        ds[bad]
+
+def test_a_bit_flip_inside_chunk_data_is_caught_by_the_checksum(dataset):
+    p = dataset['files']['train'][0]
+    with h5py.File(p) as f:
+        d = f['t0_fields/A']; assert d.fletcher32
+        offset = d.id.get_chunk_info(3).byte_offset + 17
+    b = bytearray(p.read_bytes()); b[offset] ^= 0x01; p.write_bytes(bytes(b))   # one bit, a value that stays finite
+    with pytest.raises(WellFormatError, match='t0_fields/A.*cannot be read'): check_well_file(p)
+    ds = WellDataset(p, n_steps_input=1, n_steps_output=1)
+    with pytest.raises(WellFormatError, match='cannot be read'): [ds[i] for i in range(len(ds))]
+
+
+def test_a_float64_input_to_the_tokeniser_is_a_clear_error():
+    tok = small_tokeniser(); x = torch.randn(1, 2, 2, 16, 16, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"x is torch.float64 but the tokeniser's weights are torch.float32: pass x.to\(torch.float32\)"):
+        tok.encode(x, ['u', 'v'], '8x1')
+    assert tok.double().encode(x, ['u', 'v'], '8x1').dtype == torch.float64       # or convert the model
+
+
+def test_sizes_beyond_the_machine_fail_at_once_with_the_estimate():
+    for args in (('--res', 65536), ('--n-traj', 100_000_000, '--res', 64, '--steps', 10), ('--steps', 100_000_000, '--res', 256)):
+        r = physnb('generate', 'gray_scott', '--out', '/nonexistent/never', *args)
+        assert r.returncode == 2 and 'GiB in memory' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    r = physnb('preview', '--res', 4)
+    assert r.returncode == 2 and '--res=4 must be >= 8' in r.stderr, r.stderr
+    r = physnb('preview', '--systems', 'bogus', '--out', '/nonexistent/never')
+    assert r.returncode == 2 and 'bogus' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
+
+def test_the_main_job_checks_its_sizes_before_any_work(tmp_path):
+    for args, msg in ((('--res', 4), 'res=4 must be >= 8'), (('--res', 36), 'divisible by the compression'),
+                      (('--steps', 0), 'steps=0 must be >= 1'), (('--n-traj', 2), 'n_traj=2 must be >= 3')):
+        r = physnb('main', '--out-dir', tmp_path / 'm', *args)
+        assert r.returncode == 2 and msg in r.stderr and 'Traceback' not in r.stderr, (args, r.stderr)
+    assert not (tmp_path / 'm').exists()
+
+
+def test_a_garbled_stats_file_is_remade_on_resume(tmp_path):
+    kw = dict(n_traj=3, res=16, steps=2, seed=0, progress=False, device='cpu')
+    out = generate_dataset(SYSTEMS['gray_scott'], tmp_path, **kw)
+    good = out['stats'].read_text(); out['stats'].write_text('mean: [this is: not: yaml')
+    generate_dataset(SYSTEMS['gray_scott'], tmp_path, **kw)
+    assert out['stats'].read_text() == good

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, WeightedRandomSampler
 
 from .stats import Normaliser, STATS_KEYS, load_stats
 from .well import (FIELD_GROUPS, SPLITS, WellFileMeta, WellFormatError, _fail, _open,
-                              boundary_codes, read_meta)
+                              boundary_codes, check_layout, read_meta)
 
 # %% auto #0
 __all__ = ['resolve_well_paths', 'WellDataset', 'WellMixture']
@@ -66,10 +66,8 @@ def _subset(trajs: list, n_trajectories: int | float | None, seed: int) -> list:
     return [trajs[j] for j in sorted(keep)]
 
 def _read_metas(files: Sequence[Path]) -> list[WellFileMeta]:
-    "The layout of every file; all must agree (fields, grid, scalars), else the error points to `WellMixture`."
-    metas = []
-    for p in files:
-        with _open(p) as f: metas.append(read_meta(f, p))
+    "The layout of every file, checked against its structure (counts, shapes, dtypes, names: no values read); all must agree."
+    metas = [check_layout(p) for p in files]                  # attributes are not trusted: n_trajectories must fit the arrays
     m0 = metas[0]
     for m in metas[1:]:
         if m.layout() != m0.layout():
@@ -212,6 +210,13 @@ def _fields(self: WellDataset, f, meta, b, frames, time_varying):
     return torch.cat(out, -1) if out else None
 
 # %% ../../nbs/02b_data.datasets.ipynb #ac116524
+def _non_finite(meta: WellFileMeta, x: torch.Tensor, b: int, t0: int, dt: int, time_varying: bool):
+    "Raise for a sample with NaN/inf, naming the file, field channel, trajectory and time index of the first bad value."
+    i, *_, c = (~torch.isfinite(x)).nonzero()[0].tolist()
+    where = f"time index {t0 + i * dt}" if time_varying else 'its constant field'
+    raise WellFormatError(f"{meta.path}: field {meta.channels(time_varying)[c]!r}, trajectory {b}, {where} holds non-finite values "
+                          f"(NaN or inf); the file is damaged or its solver diverged (check_well_file finds every such value)")
+
 @patch
 def __getitem__(self: WellDataset, index: int) -> dict:
     fi, b, t0 = self.locate(index)
@@ -220,10 +225,12 @@ def __getitem__(self: WellDataset, index: int) -> dict:
     frames = slice(t0, t0 + self.dt * (n - 1) + 1, self.dt)
     sample = {}
     x = self._fields(f, meta, b, frames, True)                      # (n_in + n_out, Nx, Ny, C)
+    if x is not None and not torch.isfinite(x).all(): _non_finite(meta, x, b, t0, self.dt, True)
     if x is not None:
         if self.normaliser: x = self.normaliser.normalise(x, 'variable')
         sample['input_fields'], sample['output_fields'] = x[:self.n_in], x[self.n_in:]
     c = self._fields(f, meta, b, frames, False)                     # (Nx, Ny, C_const)
+    if c is not None and not torch.isfinite(c).all(): _non_finite(meta, c[None], b, 0, 0, False)
     if c is not None: sample['constant_fields'] = self.normaliser.normalise(c, 'constant') if self.normaliser else c
     sc = [self._read(f, meta, f"scalars/{s['name']}", s['sample_varying'], True, b, frames).float()
           for s in meta.scalars if s['time_varying']]

@@ -15,7 +15,7 @@ from ..core import (Trajectories, check_free_space, check_interrupted, derive_se
                          remove_temporaries)
 
 from .datasets import _h5_files
-from .stats import compute_stats, write_stats
+from .stats import compute_stats, load_stats, write_stats
 from .well import SPLITS, WellFormatError, _open, check_well_file, write_well
 
 # %% auto #0
@@ -99,6 +99,10 @@ def _plan_files(name, ds_root: Path, counts: dict, chunk: int | None, seed: int,
     return jobs
 
 # %% ../../nbs/02d_data.generate.ipynb #b8482b41
+def _stats_ok(path: Path) -> bool:
+    try: load_stats(path); return True
+    except Exception: return False                                # missing, not YAML, or not the statistics' keys
+
 def _traj_bytes(traj: Trajectories) -> int:
     return 4 * sum(v.numel() for v in traj.fields.values())
 
@@ -176,6 +180,6 @@ def generate_dataset(system,                       # a physnb System (has .name 
             check_interrupted()
         bar.close()
         stats_path = ds_root / 'stats.yaml'
-        if len(skipped) < len(jobs) or not stats_path.exists():
+        if len(skipped) < len(jobs) or not _stats_ok(stats_path):      # a missing or garbled stats.yaml is remade
             write_stats(compute_stats(files['train'] if files.get('train') else [p for v in files.values() for p in v]), stats_path)
     return dict(root=ds_root, files=files, stats=stats_path, skipped=skipped, removed_temporaries=removed)

@@ -10,15 +10,15 @@ import numpy as np
 
 from .datasets import _h5_files
 from .stats import load_stats
-from .well import BC_CODES, FIELD_GROUPS, _open, boundary_codes, read_meta
+from .well import BC_CODES, FIELD_GROUPS, _open, boundary_codes, check_layout, read_meta
 
 # %% auto #0
 __all__ = ['info', 'info_text']
 
 # %% ../../nbs/02c_data.info.ipynb #6df8fda3
 def _file_info(p: Path) -> dict:
+    m = check_layout(p)                     # the arrays, not the attributes' word: a bad file is an error, not a summary
     with _open(p) as f:
-        m = read_meta(f, p)
         t = np.asarray(f['dimensions/time'][()])
         code_names = {v: k for k, v in BC_CODES.items()}
         sides = {d: [code_names[int(c)] for c in row] for d, row in zip(m.spatial_dims, boundary_codes(f, m))}

@@ -18,7 +18,8 @@ from ..core import Trajectories, atomic_path, no_space_error
 
 # %% auto #0
 __all__ = ['SPLITS', 'FIELD_GROUPS', 'BC_CODES', 'ROOT_ATTRS', 'WellFormatError', 'channel_names', 'write_well',
-           'travelling_wave', 'WellFileMeta', 'read_meta', 'boundary_codes', 'read_well', 'check_well_file']
+           'travelling_wave', 'WellFileMeta', 'read_meta', 'boundary_codes', 'read_well', 'check_layout',
+           'check_well_file']
 
 # %% ../../nbs/02_data.well.ipynb #62104148
 SPLITS = ('train', 'valid', 'test')             # The Well's split folder names
@@ -73,7 +74,7 @@ def _write_fields(f: h5py.File, traj: Trajectories, n_dims: int, compression: st
         for k, v in src.items():
             o = _order(v, lead, n_dims); arr = _f32(v)
             chunks = (1, 1, *arr.shape[2:]) if tv else (1, *arr.shape[1:])
-            d = groups[o].create_dataset(k, data=arr, chunks=chunks, compression=compression)
+            d = groups[o].create_dataset(k, data=arr, chunks=chunks, compression=compression, fletcher32=True)   # a checksum per chunk
             d.attrs['dim_varying'] = np.ones(n_dims, bool)
             d.attrs['sample_varying'] = True; d.attrs['time_varying'] = tv
             if o == 2:
@@ -127,7 +128,7 @@ def _write_image(image, traj: Trajectories, dataset_name, grid_type, compression
         # scalars: per-trajectory physical parameters, (B,)
         g = f.create_group('scalars'); g.attrs['field_names'] = _str_list(traj.scalars)
         for k, v in traj.scalars.items():
-            d = g.create_dataset(k, data=_f32(v)); d.attrs['sample_varying'] = True; d.attrs['time_varying'] = False
+            d = g.create_dataset(k, data=_f32(v), fletcher32=True); d.attrs['sample_varying'] = True; d.attrs['time_varying'] = False
         _write_fields(f, traj, n_dims, compression)
 
 # %% ../../nbs/02_data.well.ipynb #9be085f4
@@ -334,6 +335,22 @@ def _check_values(f: h5py.File, path, meta: WellFileMeta):
     for s in meta.scalars: _check_finite(f[f"scalars/{s['name']}"], path, f"scalars/{s['name']}", s['sample_varying'], False)
 
 # %% ../../nbs/02_data.well.ipynb #633f9c8b
+def check_layout(path: str | Path) -> WellFileMeta:
+    """The cheap check run whenever a file is opened for reading: every field's shape and dtype agree with the file's attributes.
+    Lenient where The Well's own files are (optional attributes); `check_well_file` is the full schema check."""
+    path = Path(path)
+    with _open(path) as f:
+        m = read_meta(f, path)
+        for fd in m.fields:
+            item = f"{FIELD_GROUPS[fd['order']]}/{fd['name']}"; d = f[item]
+            want = (((m.n_traj,) if fd['sample_varying'] else ()) + ((m.n_steps,) if fd['time_varying'] else ())
+                    + tuple(n for n, dv in zip(m.spatial_shape, fd['dim_varying']) if dv) + (len(m.spatial_dims),) * fd['order'])
+            if tuple(d.shape) != want:
+                _fail(path, item, f"shape {tuple(d.shape)} does not match the file's attributes (n_trajectories={m.n_traj}, "
+                                  f"{m.n_steps} times, grid {m.spatial_shape}): expected {want}")
+            if not np.issubdtype(d.dtype, np.floating): _fail(path, item, f"dtype {d.dtype} is not floating point")
+    return m
+
 def check_well_file(path: str | Path, # a `.hdf5`/`.h5` file
                     deep: bool = True, # also read every value: finite, readable
                    ) -> WellFileMeta:

@@ -375,6 +375,9 @@ def encode(self: Tokeniser,
           ) -> torch.Tensor:
     "Fields to tokens `(B, T/temporal, latent, H/spatial, W/spatial)`."
     if x.ndim != 5: raise ValueError(f"x has shape {tuple(x.shape)}; expected (B, T, C, H, W)")
+    if x.dtype != self.field_in.dtype:
+        raise TypeError(f"x is {x.dtype} but the tokeniser's weights are {self.field_in.dtype}: pass x.to({self.field_in.dtype}) "
+                        f"(data are float32 in physnb) or convert the model with .to({x.dtype})")
     B, T, C, H, W = x.shape
     idx = self.field_index(field_names)
     if len(idx) != C: raise ValueError(f"x has C={C} channels but field_names has {len(idx)}: {list(field_names)!r}")

@@ -197,6 +197,11 @@ def run_token_study(out_dir: str = 'runs/main',   # the study's folder: report.h
     settings = {**PRESETS[preset], **{k: v for k, v in given.items() if v is not None}}
     for k in ('seeds', 'steps', 'pretrain_steps', 'n_traj'):
         if settings[k] < 1: raise ValueError(f"{k}={settings[k]} must be >= 1")
+    spatial = int(str(settings['compression']).split('x')[0])
+    if settings['res'] < 8 or settings['res'] % spatial:
+        raise ValueError(f"res={settings['res']} must be >= 8 and divisible by the compression's spatial factor {spatial} "
+                         f"(compression={settings['compression']!r})")
+    if settings['n_traj'] < 3: raise ValueError(f"n_traj={settings['n_traj']} must be >= 3: train, valid and test need a trajectory each")
     n_seeds = settings.pop('seeds')
     get_device(device)                                                  # an unknown device fails here
     out = run_dir(out_dir)
