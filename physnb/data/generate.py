@@ -58,11 +58,6 @@ def _differences(old: dict, new: dict) -> str:
     if not diff and old.get('file_seed') != new.get('file_seed'): diff = ['the seed']
     return '; '.join(diff) or 'nothing'
 
-def _file_ok(p: Path, request: dict) -> bool:
-    "Is `p` a whole Well file made by the same request (seed, size, parameters, system class and settings)?"
-    try: return _on_disk(p) == request
-    except (WellFormatError, ValueError): return False
-
 def _write_split_files(name, ds_root, s, trajs) -> list[Path]:
     return [write_well(t, ds_root / 'data' / s / f'{name}_{s}_{k:04d}.hdf5', dataset_name=name) for k, t in enumerate(trajs)]
 
@@ -117,15 +112,17 @@ def _check_output(ds_root: Path, counts: dict) -> None:
     except OSError as e:
         raise PermissionError(e.errno, f"cannot write the dataset to {ds_root}: {e.strerror}") from None
 
-def _refuse_other_requests(jobs, ds_root: Path, overwrite: bool) -> None:
-    "Raise, saying what differs, when a planned file exists but was made by another request (unless `overwrite`)."
-    if overwrite: return
+def _whole_files(jobs, ds_root: Path, overwrite: bool) -> set:
+    "Planned files already whole from the same request (each read once); another request's file raises unless `overwrite`."
+    whole = set()
     for s, k, req, p in jobs:
         try: old = _on_disk(p)
         except (WellFormatError, ValueError): continue     # damaged (nothing readable to lose): remade like a missing file
-        if old is not None and old != req:
+        if old == req: whole.add(p)
+        elif old is not None and not overwrite:
             raise ValueError(f"{ds_root} holds a dataset made by another request ({p.name}: {_differences(old, req)}); nothing was "
                              f"changed. Pass overwrite=True (physnb generate --overwrite) to replace it, or choose another root/name")
+    return whole
 
 # %% ../../nbs/02d_data.generate.ipynb #d30eef77
 def generate_dataset(system,                       # a physnb System (has .name and .simulate)
@@ -160,14 +157,14 @@ def generate_dataset(system,                       # a physnb System (has .name 
     if stale and not overwrite: raise ValueError(f"{ds_root} holds files this run would not write (another n_traj/chunk?): "
                                                  f"{[str(p) for p in stale[:5]]}; pass overwrite=True (--overwrite) to replace "
                                                  f"the dataset, or choose another root/name")
-    _refuse_other_requests(jobs, ds_root, overwrite)
+    whole = _whole_files(jobs, ds_root, overwrite)
     for p in stale: p.unlink()
     files, skipped, sized = {s: [] for s in counts if counts[s]}, [], False
     bar = progress_bar(total=n_traj, desc=name, unit='traj', disable=not progress)
     with interruptible():
         for s, k, req, p in jobs:
             files[s].append(p)
-            if _file_ok(p, req): skipped.append(p); bar.update(req['n_traj']); continue
+            if p in whole: skipped.append(p); bar.update(req['n_traj']); continue
             kw = {**simulate_kw, **({} if steps is None else {'steps': steps})}
             traj = system.simulate(n_traj=req['n_traj'], res=res, seed=req['file_seed'], device=device, param_split=param_split,
                                    params=params, progress=progress, **kw)
