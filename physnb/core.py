@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #75f61b1f
 from __future__ import annotations
-import contextlib, dataclasses, errno, hashlib, json, os, random, shutil, signal, tempfile, threading
+import contextlib, dataclasses, errno, hashlib, json, os, random, shutil, signal, sys, tempfile, threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['BC_TYPES', 'get_device', 'set_threads', 'seed_everything', 'derive_seed', 'atomic_path', 'atomic_write',
-           'remove_temporaries', 'check_free_space', 'no_space_error', 'Interrupted', 'check_interrupted',
-           'interruptible', 'save_checkpoint', 'load_checkpoint', 'progress', 'Trajectories']
+           'remove_temporaries', 'folder_lock', 'scratch_dir', 'remove_scratch', 'check_free_space', 'no_space_error',
+           'Interrupted', 'check_interrupted', 'interruptible', 'save_checkpoint', 'load_checkpoint', 'progress',
+           'Trajectories']
 
 # %% ../nbs/00_core.ipynb #8e5fa32c
 def get_device(device: str | torch.device = 'auto', # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
@@ -99,6 +100,34 @@ def remove_temporaries(folder: str | Path, # a folder that atomic writers write 
     gone = [p for p in folder.glob(pattern) if p.is_file()]
     for p in gone: p.unlink(missing_ok=True)
     return gone
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, # the folder about to be written (it need not exist yet)
+               ):
+    "Hold an exclusive lock on `folder` while the block runs; another process asking for it waits. Released by the OS on any exit, kill -9 too."
+    try: import fcntl
+    except ImportError: yield; return                                 # no POSIX locks (Windows): one writer is assumed
+    folder = Path(folder); folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f'.{folder.name}.lock', 'a') as f:      # an empty, hidden file beside the folder; it stays
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process that writes {folder} ...", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
+_SCRATCH: list = []   # the scratch folders of this process, removed at its exit
+
+def scratch_dir(prefix: str = 'physnb_', # the folder name's start, in the system's temporary directory
+               ) -> Path:                # a new, empty folder
+    "A temporary folder for demos and tests, removed with everything in it when the process ends (or at `remove_scratch`)."
+    d = tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True)   # its finalizer runs at exit
+    _SCRATCH.append(d)
+    return Path(d.name)
+
+def remove_scratch() -> None:
+    "Remove every `scratch_dir` this process made (a notebook's last cell: worker processes may end without exit hooks)."
+    while _SCRATCH: _SCRATCH.pop().cleanup()
 
 def _mb(n: float) -> str: return f"{n / 2**20:,.1f} MB"
 

@@ -14,7 +14,8 @@ import torch
 from .core import atomic_write
 
 # %% auto #0
-__all__ = ['SCHEMA', 'RESULT_KEYS', 'versions', 'write_results', 'read_results', 'run_dir', 'experiment_parameters']
+__all__ = ['SCHEMA', 'RESULT_KEYS', 'versions', 'write_results', 'read_results', 'run_dir', 'check_parameters',
+           'experiment_parameters']
 
 # %% ../nbs/00c_results.ipynb #ad8bf467
 SCHEMA = 'physnb.results/1'
@@ -98,20 +99,42 @@ def run_dir(out_dir: str | Path,           # absolute, or relative to the reposi
     return here / p
 
 # %% ../nbs/00c_results.ipynb #01bd9a18
+_KINDS = {'int': (int,), 'float': (int, float), 'str': (str,), 'bool': (bool,)}
+
+def _type_name(kind) -> str: return getattr(kind, '__name__', str(kind))
+
+def check_parameters(declared: Mapping[str, Any],        # name -> type (int, float, str, bool, or the name of one), in order
+                     values: Mapping[str, Any],          # name -> value to run with (any subset of the declared names)
+                     where: str = 'this notebook',       # who declares them, for the messages (e.g. a notebook's path)
+                     choices: Mapping[str, Any] = {},    # name -> the allowed values
+                     at_least: Mapping[str, float] = {}, # name -> smallest allowed value
+                     above: Mapping[str, float] = {},    # name -> a bound the value must exceed
+                    ) -> dict[str, Any]:                 # `values`, checked
+    "Fail, naming the parameter, on an undeclared name, a value of the wrong type, a value not allowed or out of range."
+    unknown = [n for n in values if n not in declared]
+    if unknown:
+        listing = ', '.join(f'{n} ({_type_name(k)})' for n, k in declared.items())
+        raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))}: {where}'s parameters are {listing}")
+    for name, value in values.items():
+        kind = _type_name(declared[name]); kinds = _KINDS.get(kind)
+        if kinds and (not isinstance(value, kinds) or (kinds != (bool,) and isinstance(value, bool))):
+            hint = " (papermill reads -p 8 as a number; -r name value passes text as it is)" if kind == 'str' else ''
+            raise ValueError(f"parameter {name}={value!r} must be of type {kind}{hint}")
+        if kind == 'float' and not math.isfinite(value): raise ValueError(f"parameter {name}={value!r} must be a finite number")
+    for rules, ok, says in ((choices, lambda v, c: v in c, lambda c: f"is not one of {', '.join(map(repr, c))}"),
+                            (at_least, lambda v, b: v >= b, lambda b: f"must be >= {b}"),
+                            (above, lambda v, b: v > b, lambda b: f"must be > {b}")):
+        for name, rule in rules.items():
+            if name not in declared: raise ValueError(f"a rule names {name!r}, which {where} does not declare")
+            if name in values and not ok(values[name], rule): raise ValueError(f"parameter {name}={values[name]!r} {says(rule)}")
+    return dict(values)
+
 def experiment_parameters(namespace: Mapping[str, Any], # the notebook's globals() after the parameters (and papermill's)
                           before: set[str],             # the names that existed before the parameters cell
+                          **rules,                      # `choices`, `at_least`, `above` as in `check_parameters`
                          ) -> dict[str, Any]:           # the declared parameters and their values
-    "The declared parameters of an experiment notebook; an unknown name (a misspelt `-p`) or a wrong type fails."
+    "The declared parameters of an experiment notebook, checked: an unknown name (a misspelt `-p`), a wrong type or value fails."
     declared = dict(namespace.get('__annotations__', {}))
-    unknown = sorted(n for n in namespace if n not in before and n not in declared and not n.startswith('_'))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))}: this notebook's parameters are "
-                         f"{', '.join(map(repr, declared))}")
-    out = {}
-    for name, kind in declared.items():
-        value = namespace[name]
-        kinds = {'int': (int,), 'float': (int, float), 'str': (str,), 'bool': (bool,)}.get(getattr(kind, '__name__', kind))
-        if kinds and (not isinstance(value, kinds) or (kinds != (bool,) and isinstance(value, bool))):
-            raise ValueError(f"parameter {name}={value!r} must be of type {getattr(kind, '__name__', kind)}")
-        out[name] = value
-    return out
+    given = [n for n in namespace if n not in before and n not in declared and not n.startswith('_')]
+    values = {n: namespace[n] for n in declared} | {n: namespace[n] for n in given}
+    return check_parameters(declared, values, **rules)

@@ -288,3 +288,29 @@ def test_a_garbled_stats_file_is_remade_on_resume(tmp_path):
     good = out['stats'].read_text(); out['stats'].write_text('mean: [this is: not: yaml')
     generate_dataset(SYSTEMS['gray_scott'], tmp_path, **kw)
     assert out['stats'].read_text() == good
+
+
+# Housekeeping (issue 12, item 11)
+
+def test_a_closed_pipe_ends_info_quietly(dataset):
+    "`physnb info FILE | head` must not end in a BrokenPipe traceback; the reader here exits before physnb writes."
+    r = subprocess.run(f"'{EXE}' info '{dataset['files']['train'][0]}' | true; echo \"rc=${{PIPESTATUS[0]}}\" >&2",
+                       shell=True, executable='/bin/bash', capture_output=True, text=True, env=ENV, timeout=120)
+    assert 'Traceback' not in r.stderr and 'BrokenPipe' not in r.stderr and 'rc=141' in r.stderr, r.stderr
+
+
+def test_scratch_folders_go_with_the_process(tmp_path):
+    code = "from physnb.core import scratch_dir; d = scratch_dir('physnb_demo_'); (d / 'x.bin').write_bytes(b'0' * 100); print(d)"
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env={**ENV, 'TMPDIR': str(tmp_path)}, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().startswith(str(tmp_path)), r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_notebook_that_makes_scratch_folders_removes_them_in_its_last_cell():
+    "nbdev-test's workers may end without exit hooks, so a notebook removes its scratch folders itself (and uses no mkdtemp)."
+    for path in sorted((Path(__file__).resolve().parents[1] / 'nbs').glob('*.ipynb')):
+        cells = [''.join(c['source']) for c in json.loads(path.read_text())['cells'] if c['cell_type'] == 'code']
+        assert not any('mkdtemp' in c for c in cells), f"{path.name}: use physnb.core.scratch_dir, which is removed at the end"
+        if any('scratch_dir(' in c for c in cells):
+            last = [c for c in cells if 'nbdev_export()' not in c][-1]
+            assert 'remove_scratch()' in last, f"{path.name}: the last cell must call remove_scratch()"

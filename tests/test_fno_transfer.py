@@ -63,7 +63,7 @@ def test_unknown_study_fails_clearly(tmp_path):
 
 def test_a_misspelt_parameter_fails_before_any_work(tmp_path):
     "papermill injects an unknown -p name as a new variable; the notebook refuses it, naming the allowed ones."
-    with pytest.raises(papermill.PapermillExecutionError, match=r"unknown parameter\(s\) 'epoch'.*'epochs'"):
+    with pytest.raises(papermill.PapermillExecutionError, match=r"unknown parameter\(s\) 'epoch'.*epochs \(int\)"):
         _run(tmp_path, epoch=3)
     with pytest.raises(papermill.PapermillExecutionError, match='res=16.5 must be of type int'):
         _run(tmp_path, res=16.5)

@@ -12,7 +12,7 @@ import pytest
 LIB = Path(__file__).resolve().parents[1] / 'physnb'
 LAYERS = ['core', 'sim', 'data', 'models', 'train', 'studies', 'viz', 'cli']
 RANK = {name: i for i, name in enumerate(LAYERS)}
-TOP_LEVEL = {'core': 'core', 'metrics': 'core', 'results': 'core', 'cli': 'cli'}   # modules that are not in a subpackage
+TOP_LEVEL = {'core': 'core', 'metrics': 'core', 'results': 'core', 'sweep': 'studies', 'cli': 'cli'}   # modules that are not in a subpackage
 
 
 def module_name(path: Path) -> str:

@@ -62,7 +62,7 @@ def test_library_notebooks_carry_no_papermill_parameters(nb):
 def test_experiments_refuse_unknown_parameters(nb):
     "papermill injects a misspelt -p as a new variable; every experiment checks its names with experiment_parameters."
     code = '\n'.join(''.join(c['source']) for c in cells(nb) if c['cell_type'] == 'code')
-    assert 'experiment_parameters(globals(), _before)' in code and '_before = set(globals())' in code, nb.name
+    assert re.search(r'experiment_parameters\((?:\s*#[^\n]*)?\s*globals\(\), _before', code) and '_before = set(globals())' in code, nb.name
 
 
 @pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: p.name)

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..core import (Trajectories, check_free_space, check_interrupted, derive_seed, interruptible, progress as progress_bar,
+from ..core import (Trajectories, check_free_space, check_interrupted, derive_seed, folder_lock, interruptible, progress as progress_bar,
                          remove_temporaries)
 
 from .datasets import _h5_files
@@ -152,31 +152,32 @@ def generate_dataset(system,                       # a physnb System (has .name 
     planned = {p for *_, p in jobs}
     if params and hasattr(system, 'resolve_params'): system.resolve_params(1, param_split, params)   # bad parameters: fail first
     _check_output(ds_root, counts)
-    removed = [p for s in SPLITS for p in remove_temporaries(ds_root / 'data' / s)] + remove_temporaries(ds_root)
-    stale = [p for s in SPLITS for p in _h5_files(ds_root / 'data' / s) if p not in planned] if (ds_root / 'data').is_dir() else []
-    if stale and not overwrite: raise ValueError(f"{ds_root} holds files this run would not write (another n_traj/chunk?): "
-                                                 f"{[str(p) for p in stale[:5]]}; pass overwrite=True (--overwrite) to replace "
-                                                 f"the dataset, or choose another root/name")
-    whole = _whole_files(jobs, ds_root, overwrite)
-    for p in stale: p.unlink()
-    files, skipped, sized = {s: [] for s in counts if counts[s]}, [], False
-    bar = progress_bar(total=n_traj, desc=name, unit='traj', disable=not progress)
-    with interruptible():
-        for s, k, req, p in jobs:
-            files[s].append(p)
-            if p in whole: skipped.append(p); bar.update(req['n_traj']); continue
-            kw = {**simulate_kw, **({} if steps is None else {'steps': steps})}
-            traj = system.simulate(n_traj=req['n_traj'], res=res, seed=req['file_seed'], device=device, param_split=param_split,
-                                   params=params, progress=progress, **kw)
-            if traj.n_traj != req['n_traj']: raise ValueError(f"{system.name}.simulate returned {traj.n_traj} trajectories, asked for {req['n_traj']}")
-            if not sized:                                   # the first file simulated: is there room for all of them?
-                left = sum(r['n_traj'] for *_, r, q in jobs if q not in skipped)
-                check_free_space(ds_root, _traj_bytes(traj) / traj.n_traj * left, f"{name} ({left} trajectories)"); sized = True
-            traj.attrs = {**traj.attrs, 'split': s, 'file_number': k, 'master_seed': seed, 'request': req}
-            write_well(traj, p, dataset_name=name); bar.update(req['n_traj'])
-            check_interrupted()
-        bar.close()
-        stats_path = ds_root / 'stats.yaml'
-        if len(skipped) < len(jobs) or not _stats_ok(stats_path):      # a missing or garbled stats.yaml is remade
-            write_stats(compute_stats(files['train'] if files.get('train') else [p for v in files.values() for p in v]), stats_path)
-    return dict(root=ds_root, files=files, stats=stats_path, skipped=skipped, removed_temporaries=removed)
+    with folder_lock(ds_root):      # two processes asked for the same dataset (sweep points sharing a cache) take turns
+        removed = [p for s in SPLITS for p in remove_temporaries(ds_root / 'data' / s)] + remove_temporaries(ds_root)
+        stale = [p for s in SPLITS for p in _h5_files(ds_root / 'data' / s) if p not in planned] if (ds_root / 'data').is_dir() else []
+        if stale and not overwrite: raise ValueError(f"{ds_root} holds files this run would not write (another n_traj/chunk?): "
+                                                     f"{[str(p) for p in stale[:5]]}; pass overwrite=True (--overwrite) to replace "
+                                                     f"the dataset, or choose another root/name")
+        whole = _whole_files(jobs, ds_root, overwrite)
+        for p in stale: p.unlink()
+        files, skipped, sized = {s: [] for s in counts if counts[s]}, [], False
+        bar = progress_bar(total=n_traj, desc=name, unit='traj', disable=not progress)
+        with interruptible():
+            for s, k, req, p in jobs:
+                files[s].append(p)
+                if p in whole: skipped.append(p); bar.update(req['n_traj']); continue
+                kw = {**simulate_kw, **({} if steps is None else {'steps': steps})}
+                traj = system.simulate(n_traj=req['n_traj'], res=res, seed=req['file_seed'], device=device, param_split=param_split,
+                                       params=params, progress=progress, **kw)
+                if traj.n_traj != req['n_traj']: raise ValueError(f"{system.name}.simulate returned {traj.n_traj} trajectories, asked for {req['n_traj']}")
+                if not sized:                                   # the first file simulated: is there room for all of them?
+                    left = sum(r['n_traj'] for *_, r, q in jobs if q not in skipped)
+                    check_free_space(ds_root, _traj_bytes(traj) / traj.n_traj * left, f"{name} ({left} trajectories)"); sized = True
+                traj.attrs = {**traj.attrs, 'split': s, 'file_number': k, 'master_seed': seed, 'request': req}
+                write_well(traj, p, dataset_name=name); bar.update(req['n_traj'])
+                check_interrupted()
+            bar.close()
+            stats_path = ds_root / 'stats.yaml'
+            if len(skipped) < len(jobs) or not _stats_ok(stats_path):      # a missing or garbled stats.yaml is remade
+                write_stats(compute_stats(files['train'] if files.get('train') else [p for v in files.values() for p in v]), stats_path)
+        return dict(root=ds_root, files=files, stats=stats_path, skipped=skipped, removed_temporaries=removed)

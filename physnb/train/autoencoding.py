@@ -27,9 +27,9 @@ from ..models.tokeniser import Compression, Tokeniser, TokeniserConfig, parse_le
 
 # %% auto #0
 __all__ = ['RECONSTRUCTION_LOSSES', 'DRAWS', 'BUDGETS', 'fields_and_mask', 'masked_mse', 'masked_vrmse', 'as_levels',
-           'level_name', 'AutoencodingTask', 'check_pretraining', 'StepLossLog', 'pretrain_tokeniser', 'band_names',
-           'reconstruction_report', 'report_figure', 'reconstruction_figure', 'step_flops', 'compare_adjustable',
-           'comparison_figure', 'parse_systems', 'run_pretraining']
+           'level_name', 'check_levels', 'AutoencodingTask', 'check_pretraining', 'StepLossLog', 'pretrain_tokeniser',
+           'band_names', 'reconstruction_report', 'report_figure', 'reconstruction_figure', 'step_flops',
+           'compare_adjustable', 'comparison_figure', 'parse_systems', 'run_pretraining']
 
 # %% ../../nbs/03a_train.autoencoding.ipynb #8269b7b3
 def fields_and_mask(batch: dict, # a collated `FieldWindows` batch
@@ -94,6 +94,19 @@ def as_levels(levels: str | Sequence, # '4x1,8x2' or [(4, 1), (8, 2)] or [Compre
 def level_name(level: Sequence[int]) -> str:
     "'8x2' for Compression(8, 2): spatial x temporal."
     return f"{level[0]}x{level[1]}"
+
+def check_levels(levels: str | Sequence, # as for `as_levels`
+                 window: int,            # frames per window
+                 res: int,               # grid points per side
+                ) -> list[Compression]:  # the levels
+    "The levels, if the default tokeniser can apply each to windows of `window` frames at `res`²: checked before any data is made."
+    levels = as_levels(levels)
+    with torch.device('meta'): tokeniser = Tokeniser(TokeniserConfig(field_names=['u']))  # on 'meta': no memory, only its levels
+    for level in levels:
+        try: tokeniser.check_compression((window, res, res), level)
+        except ValueError as e:
+            raise ValueError(f"level {level_name(level)} does not fit windows of (T, H, W)={(window, res, res)}: {e}") from None
+    return levels
 
 class AutoencodingTask(Task):
     "Tokeniser pretraining for the Trainer: reconstruct the fields at a compression level drawn per training step."
@@ -426,7 +439,7 @@ def run_pretraining(datasets: str = 'gray_scott,ns2d',   # comma-separated syste
                     data_root: str | Path | None = None, # where the Well datasets live / are generated; default out_dir/data
                    ) -> dict:                  # tokeniser, rows, figure, paths, data_roots, train/valid windows, history, seconds (this call's fit)
     "Generate (if missing) → pretrain → evaluate → write results.json, checkpoints and the report figure."
-    names, levels = parse_systems(datasets), as_levels(compression_levels)
+    names, levels = parse_systems(datasets), check_levels(compression_levels, window, res)
     out = run_dir(out_dir); out.mkdir(parents=True, exist_ok=True)
     known = _systems()
     roots = [generate_dataset(known[n], Path(data_root) if data_root is not None else out / 'data', n_traj=n_traj, res=res, steps=window + 4, seed=seed,
