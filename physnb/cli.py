@@ -23,9 +23,9 @@ from .train.token_study import run_token_study
 from .sweep import Sweep, parse_axes, read_grid, sweep_figure
 
 # %% auto #0
-__all__ = ['MAIN_SYSTEMS', 'COMMANDS', 'POSITIONAL', 'ALIASES', 'CUSTOM', 'add_options', 'parse_params', 'check_sizes',
-           'generate', 'info_command', 'systems_command', 'preview_figure', 'run_preview', 'sweep_command',
-           'coerce_option', 'make_parser', 'main']
+__all__ = ['MAIN_SYSTEMS', 'DDP_COMMANDS', 'COMMANDS', 'POSITIONAL', 'ALIASES', 'CUSTOM', 'add_options', 'parse_params',
+           'check_sizes', 'generate', 'info_command', 'systems_command', 'preview_figure', 'run_preview', 'torchrun',
+           'sweep_command', 'coerce_option', 'make_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #23999f12
 def _kind(hint) -> tuple[type, str | None, bool]:
@@ -193,6 +193,43 @@ def run_preview(out: str = 'runs/preview', # output folder: data/ (Well datasets
     with atomic_write(html) as f: f.write(preview_figure(trajs).to_html(include_plotlyjs=True, full_html=True))
     return {'out': str(out), 'systems': list(systems), 'preview': str(html), 'seconds': round(time.time() - t0, 1)}
 
+# %% ../nbs/11_cli.ipynb #38912d24
+DDP_COMMANDS = ('finetune', 'lejepa')      # commands whose training runs under DDP (tested with 2 gloo processes)
+
+def _argv(command: str, options: dict) -> list[str]:
+    "`options` as the command line of `physnb <command>`, checked by its parser."
+    argv = [command]
+    for k, v in options.items():
+        flag = '--' + k.replace('_', '-')
+        if isinstance(v, bool): argv.append(flag if v else '--no-' + k.replace('_', '-'))
+        elif isinstance(v, (list, tuple)): argv += [flag, *map(str, v)]
+        elif v is not None: argv += [flag, str(v)]
+    try: make_parser().parse_args(argv)
+    except SystemExit: raise ValueError(f"physnb {command} does not take these options: {' '.join(argv[1:])}") from None
+    return argv
+
+def torchrun(command: str,          # a DDP-capable physnb command: 'finetune' or 'lejepa'
+             nproc: int,            # processes: one per GPU, or gloo processes on CPU
+             show: bool = True,     # print torchrun's output as it comes
+             **options,             # the command's options, by parameter name (out_dir='runs/x', steps=200, ...)
+            ) -> str:               # torchrun's output
+    "Run `physnb <command>` under torchrun with `nproc` processes on this machine; raise with the output's tail if it fails."
+    import subprocess
+    if command not in DDP_COMMANDS: raise ValueError(f"command={command!r} is not one of {', '.join(map(repr, DDP_COMMANDS))} (the DDP-capable ones)")
+    if not isinstance(nproc, int) or nproc < 1: raise ValueError(f"nproc={nproc!r} must be an int >= 1")
+    if options.get('device') in ('cuda', 'auto') and torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise ValueError(f"nproc={nproc} is more than the {torch.cuda.device_count()} GPU(s) here")
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc), '-m', 'physnb.cli',
+           *_argv(command, options)]
+    lines = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            lines.append(line)
+            if show: print(line, end='', flush=True)
+    if proc.returncode:
+        raise RuntimeError(f"torchrun of physnb {command} ({nproc} processes) ended with code {proc.returncode}:\n" + ''.join(lines[-25:]))
+    return ''.join(lines)
+
 # %% ../nbs/11_cli.ipynb #2f915bff
 def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
     "NAME=VALUE items as a dict of text values (each name once)."
@@ -294,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     command = args.pop('command')
     try:
         with interruptible(): out = COMMANDS[command](**args)    # SIGTERM, like Ctrl-C, unwinds: temporaries are removed
-        if out is not None: print(out if isinstance(out, str) else json.dumps(_jsonable(out), indent=1), flush=True)
+        if out is not None and os.environ.get('RANK', '0') == '0':     # under torchrun, rank 0 speaks for all
+            print(out if isinstance(out, str) else json.dumps(_jsonable(out), indent=1), flush=True)
     except BrokenPipeError:                          # the reader went away (`physnb info … | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # so that Python's own flush at exit cannot fail again
         return 141                                   # 128 + SIGPIPE, the shell's code for it

@@ -133,3 +133,19 @@ def test_ddp_under_torchrun_matches_one_process(tmp_path):
     for key, tensor in w1.items(): torch.testing.assert_close(w2[key], tensor, rtol=1e-3, atol=1e-4, msg=key)   # all-reduce order
     for a, b in zip(runs['one']['curve'], runs['two']['curve']): assert a['vrmse'] == pytest.approx(b['vrmse'], rel=1e-3)
     assert [p.name for p in (tmp_path / 'two').iterdir() if p.name.startswith('.')] == []     # no temporary files left
+
+
+def test_the_notebook_trains_under_torchrun_with_one_parameter(tmp_path):
+    "`-p nproc 2`: two gloo processes train and checkpoint; the kernel evaluates that run; the numbers match one process."
+    repo = checkout(tmp_path)
+    tiny = ['-p', 'steps', '3', '-p', 'pretrain_steps', '2', '-p', 'res', '16', '-p', 'n_traj', '12', '-p', 'eval_every', '2']
+    curves = {}
+    for nproc in (1, 2):
+        out = f'runs/ft_{nproc}'
+        p = run([PAPERMILL, 'nbs/05_finetune.ipynb', str(tmp_path / f'{nproc}.ipynb'), '--log-output', *tiny, '-p', 'nproc', str(nproc),
+                 '-p', 'out_dir', out, '-p', 'data_root', f'runs/data_{nproc}'], repo)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert ('"one_step"' in p.stderr) == (nproc == 2), p.stderr[-2000:]   # rank 0's JSON result: torchrun ran only with nproc 2
+        curves[nproc] = read_results(repo / out)['metrics']['curve']
+    assert [c['step'] for c in curves[2]] == [1, 2, 3]
+    for a, b in zip(curves[1], curves[2]): assert a['vrmse'] == pytest.approx(b['vrmse'], rel=1e-3)
