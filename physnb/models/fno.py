@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 # %% auto #0
-__all__ = ['as_modes', 'check_modes_fit', 'neuralop_n_modes', 'modes_from_neuralop', 'fourier_bases', 'SpectralConv2d',
-           'spectral_conv_reference', 'FNOConfig', 'Pointwise', 'FNO', 'count_parameters', 'InstanceScaler']
+__all__ = ['SPECTRAL_INITS', 'as_modes', 'check_modes_fit', 'neuralop_n_modes', 'modes_from_neuralop', 'fourier_bases',
+           'SpectralConv2d', 'spectral_conv_reference', 'FNOConfig', 'Pointwise', 'FNO', 'count_parameters',
+           'InstanceScaler']
 
 # %% ../../nbs/06_models.fno.ipynb #4de07c72
 def _is_int(v) -> bool: return isinstance(v, Integral) and not isinstance(v, bool)
@@ -84,17 +85,23 @@ def fourier_bases(height: int,                # grid points along x (rows)
     return _BASES[key]
 
 # %% ../../nbs/06_models.fno.ipynb #055029a6
+SPECTRAL_INITS = ('normal', 'uniform')
+
 class SpectralConv2d(nn.Module):
     "Fourier layer kernel: truncated separable DFT, per-mode complex channel mixing (real weights), inverse DFT."
     def __init__(self, in_channels: int,   # input channels
                  out_channels: int,        # output channels
                  modes: int | tuple[int, int], # kept modes (mx, my): rows -mx..mx-1, columns 0..my-1
+                 init: str = 'normal',     # 'normal': N(0, 1/(in+out)) per part (neuraloperator's); 'uniform': U[0, 1/(in·out)) (the paper's code)
                 ):
         super().__init__()
         self.in_channels, self.out_channels, self.modes = in_channels, out_channels, as_modes(modes)
         mx, my = self.modes
-        std = math.sqrt(1.0 / (in_channels + out_channels))   # complex N(0, 2/(in+out)), neuraloperator's init
-        self.weight = nn.Parameter(torch.randn(my, 2 * mx, in_channels, 2, out_channels) * std)  # (ky, kx, in, re|im, out)
+        if init not in SPECTRAL_INITS: raise ValueError(f"init={init!r} is not one of {', '.join(map(repr, SPECTRAL_INITS))}")
+        shape = (my, 2 * mx, in_channels, 2, out_channels)                  # (ky, kx, in, re|im, out)
+        if init == 'normal': w = torch.randn(shape) * math.sqrt(1.0 / (in_channels + out_channels))  # complex N(0, 2/(in+out))
+        else: w = torch.rand(shape) / (in_channels * out_channels)      # real and imaginary parts U[0, 1/(in·out))
+        self.weight = nn.Parameter(w)
         self.bias = nn.Parameter(torch.zeros(out_channels))
 
     def extra_repr(self): return f"{self.in_channels}, {self.out_channels}, modes={self.modes}"
@@ -156,10 +163,12 @@ class FNOConfig:
     channel_mlp: bool = False                  # neuraloperator's per-layer channel MLP with soft-gating skip
     channel_mlp_expansion: float = 0.5         # its hidden size = expansion·width
     activation: str = 'gelu'                   # 'gelu' | 'relu' | 'silu' | 'tanh'
+    init: str = 'normal'                       # spectral weights: 'normal' (neuraloperator's) | 'uniform' (the paper's code)
 
     def __post_init__(self):
         self.modes = as_modes(self.modes)
         if not isinstance(self.channel_mlp, bool): raise ValueError(f"channel_mlp={self.channel_mlp!r} must be True or False")
+        if self.init not in SPECTRAL_INITS: raise ValueError(f"init={self.init!r} is not one of {', '.join(map(repr, SPECTRAL_INITS))}")
         if not isinstance(self.activation, str) or self.activation not in _ACTIVATIONS:
             raise ValueError(f"activation={self.activation!r} is not one of {', '.join(map(repr, _ACTIVATIONS))}")
         for name in ('in_channels', 'out_channels', 'width', 'n_layers'):
@@ -194,7 +203,7 @@ class FNO(nn.Module):
         self.config = c = config
         d = c.width
         self.lifting = _mlp(c.in_channels, round(c.lifting_ratio * d), d)
-        self.spectral = nn.ModuleList([SpectralConv2d(d, d, c.modes) for _ in range(c.n_layers)])
+        self.spectral = nn.ModuleList([SpectralConv2d(d, d, c.modes, c.init) for _ in range(c.n_layers)])
         self.skips = nn.ModuleList([Pointwise(d, d, bias=False) for _ in range(c.n_layers)])
         if c.channel_mlp:
             self.channel_mlps = nn.ModuleList([_mlp(d, round(c.channel_mlp_expansion * d), d) for _ in range(c.n_layers)])

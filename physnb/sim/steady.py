@@ -16,10 +16,10 @@ from .pdes import SpectralGrid2D, System, Param
 
 # %% auto #0
 __all__ = ['COEFFICIENTS', 'MIXTURE_CHANNELS', 'RESONANCE_TOL', 'LATTICE', 'BUMP_WIDTH', 'VOID_FRACTIONS', 'DIFFUSION_SCALE',
-           'MAX_REDRAWS', 'CHUNK', 'HELMHOLTZ_MAX', 'unit_grid', 'steady_symbol', 'solve_steady',
+           'ADVECTION_WEIGHTS', 'MAX_REDRAWS', 'CHUNK', 'HELMHOLTZ_MAX', 'unit_grid', 'steady_symbol', 'solve_steady',
            'apply_steady_operator', 'lattice_centres', 'gaussian_lattice_source', 'sample_amplitudes', 'sample_sources',
-           'diffusion_tensor', 'advection_weight', 'advection_diffusion_ratio', 'SteadySystem', 'PoissonSystem',
-           'AdvectionDiffusionSystem', 'HelmholtzSystem']
+           'diffusion_tensor', 'advection_weight', 'advection_diffusion_ratio', 'advection_weight_table',
+           'lookup_advection_weight', 'SteadySystem', 'PoissonSystem', 'AdvectionDiffusionSystem', 'HelmholtzSystem']
 
 # %% ../../nbs/01b_sim.steady.ipynb #8ecd95dd
 COEFFICIENTS = ('K11', 'K22', 'K12', 'v1', 'v2', 'omega')   # the union of all three families' coefficients
@@ -192,6 +192,39 @@ def advection_diffusion_ratio(solution: torch.Tensor,                     # (B, 
     norm = lambda part: (w * (steady_symbol(grid, {k: coefficients[k] for k in part}) * u_hat).abs()**2).sum((-2, -1)).sqrt()
     return norm(('v1', 'v2')) / norm(('K11', 'K22', 'K12'))
 
+# %% ../../nbs/01b_sim.steady.ipynb #357e654d
+ADVECTION_WEIGHTS = ('exact', 'lookup')
+_TABLES: dict = {}
+
+def advection_weight_table(res: int,            # grid points per side
+                           n_weights: int = 59, # λ values (the paper's table has 59)
+                           n_samples: int = 400, # draws per λ (the paper's: 400)
+                           seed: int = 0,
+                          ) -> tuple[torch.Tensor, torch.Tensor]: # (λ (n_weights,), mean Ψ (n_weights,)), float64
+    "The paper-style table: λ values and the mean advection-to-diffusion ratio Ψ they give over sampled problems."
+    key = (res, n_weights, n_samples, seed)
+    if key not in _TABLES:
+        g = torch.Generator().manual_seed(seed)
+        source, _ = sample_sources(n_samples, res, g, True, 'cpu')
+        e = 1 + 4 * torch.rand(n_samples, generator=g, dtype=torch.float64)
+        angle, phi = (2 * math.pi * torch.rand(n_samples, generator=g, dtype=torch.float64) for _ in range(2))
+        c, slope = _ratio_spectra(source, diffusion_tensor(e, angle), {'v1': phi.cos(), 'v2': phi.sin()})
+        logit = torch.linspace(math.log(0.001 / 0.999), math.log(0.978 / 0.022), n_weights, dtype=torch.float64)
+        lam = torch.sigmoid(logit)
+        x = (lam / (1 - lam))**2                                               # r², r = λ / (1 - λ)
+        q = 1 / (1 + x[:, None, None, None] * slope)                           # (L, B, n, n//2+1)
+        psi = ((c * x[:, None, None, None] * slope * q).sum((-2, -1)) / (c * q).sum((-2, -1))).sqrt()
+        _TABLES[key] = (lam, psi.mean(1))
+    return _TABLES[key]
+
+def lookup_advection_weight(psi: torch.Tensor, # (B,) target Ψ
+                            res: int,          # the grid (the table is built for it)
+                           ) -> torch.Tensor:  # (B,) λ, float64
+    "The table's λ whose mean Ψ is closest to each target (the paper's rule)."
+    lam, mean_psi = advection_weight_table(res)
+    psi = torch.as_tensor(psi, dtype=torch.float64).cpu()
+    return lam[(mean_psi[None, :] - psi[:, None]).abs().argmin(1)]
+
 # %% ../../nbs/01b_sim.steady.ipynb #488d20e6
 MAX_REDRAWS = 200   # rounds of redrawing rejected samples before giving up
 CHUNK = 64   # samples drawn and solved together (small chunks stay in cache; a dataset is fixed by seed, n_traj and CHUNK)
@@ -290,6 +323,7 @@ class PoissonSystem(SteadySystem):
     params = {'eigen_ratio': Param(1., 50., doc='e, ratio of the diffusion tensor eigenvalues (anisotropy)'),
               'angle': Param(0., _TWO_PI, doc='θ, rotation of the diffusion tensor eigenvectors [rad]')}
     param_splits = {'pretrain': {'eigen_ratio': Param(1., 5.)}, 'id': {'eigen_ratio': Param(1., 5.)},
+              'ood_e2.5_7.5': {'eigen_ratio': Param(2.5, 7.5)},
               'ood_e5_10': {'eigen_ratio': Param(5., 10.)}, 'ood_e10_20': {'eigen_ratio': Param(10., 20.)},
               'ood': {'eigen_ratio': Param(5., 10.)}}
     input_channels = ('source', 'K11', 'K22', 'K12')
@@ -305,9 +339,15 @@ class AdvectionDiffusionSystem(SteadySystem):
               'eigen_ratio': Param(1., 5., doc='e, ratio of the diffusion tensor eigenvalues (fixed range in the paper)'),
               'angle': Param(0., _TWO_PI, doc='θ, rotation of the diffusion tensor eigenvectors [rad]'),
               'velocity_angle': Param(0., _TWO_PI, doc='φ, direction of the unit velocity [rad]')}
-    param_splits = {'pretrain': {'psi': Param(0.2, 1.)}, 'id': {'psi': Param(0.2, 1.)},
+    param_splits = {'pretrain': {'psi': Param(0.2, 1.)}, 'id': {'psi': Param(0.2, 1.)}, 'ood_psi1_2': {'psi': Param(1., 2.)},
               'ood_psi1_5': {'psi': Param(1., 5.)}, 'ood': {'psi': Param(1., 5.)}}
     input_channels = ('source', 'K11', 'K22', 'K12', 'v1', 'v2')
+
+    weight = 'exact'                               # λ per sample: 'exact' (solved for Ψ) | 'lookup' (the paper's table)
+
+    def __init__(self, weight: str = 'exact'):
+        if weight not in ADVECTION_WEIGHTS: raise ValueError(f"weight={weight!r} is not one of {', '.join(map(repr, ADVECTION_WEIGHTS))}")
+        if weight != type(self).weight: self.weight = weight   # only a non-default choice joins the dataset's recorded settings
 
     def coefficients(self, params):
         return {**diffusion_tensor(params['eigen_ratio'], params['angle']),
@@ -316,7 +356,8 @@ class AdvectionDiffusionSystem(SteadySystem):
     def _solve(self, source, params):
         base = self.coefficients(params)
         diffusion = {k: base[k] for k in ('K11', 'K22', 'K12')}; velocity = {k: base[k] for k in ('v1', 'v2')}
-        lam = advection_weight(source, diffusion, velocity, params['psi'])
+        lam = (advection_weight(source, diffusion, velocity, params['psi']) if self.weight == 'exact'
+               else lookup_advection_weight(params['psi'], source.shape[-1]).to(source.device))
         coefficients = {**{k: (1 - lam) * v for k, v in diffusion.items()}, **{k: lam * v for k, v in velocity.items()}}
         u = solve_steady(source, coefficients)
         return u, coefficients, {'advection_weight': lam, 'psi_achieved': advection_diffusion_ratio(u, coefficients)}

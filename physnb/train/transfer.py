@@ -6,7 +6,7 @@
 from __future__ import annotations
 import copy, time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -14,14 +14,15 @@ from torch.utils.data import Dataset, Subset
 
 from ..data.generate import generate_dataset
 from ..sim.systems import SYSTEMS, STEADY
+from ..sim.steady import AdvectionDiffusionSystem
 from ..data.windows import SteadyPairs
 from ..models.fno import FNOConfig, FNO, InstanceScaler, count_parameters
 from .trainer import TrainConfig, Trainer
 
 
 # %% auto #0
-__all__ = ['steady_task', 'make_fno', 'fit', 'heldout_error', 'pretrain', 'prefix', 'step_budget', 'transfer_curve',
-           'curves_figure', 'gain_figure']
+__all__ = ['LR_GRID', 'RECIPES', 'steady_task', 'make_fno', 'fit', 'heldout_error', 'pretrain', 'prefix', 'stride', 'step_budget',
+           'transfer_recipe', 'parse_overrides', 'transfer_curve', 'curves_figure', 'gain_figure']
 
 # %% ../../nbs/06a_train.transfer.ipynb #4cbfb45c
 def steady_task(system: str,        # steady family: 'poisson' | 'advection_diffusion' | 'helmholtz'
@@ -32,14 +33,18 @@ def steady_task(system: str,        # steady family: 'poisson' | 'advection_diff
                 res: int,           # grid points per side
                 seed: int,          # master seed of the draw
                 root: str | Path,   # datasets go to root/<system>_<param_split>_<res>px_<n_train>-<n_valid>-<n_test>/
+                advection_weight: str = 'exact', # advection–diffusion's λ: 'exact' (solved per sample) | 'lookup' (the paper's table)
                ) -> dict[str, list[Path]]: # {'train' | 'valid' | 'test': Well files}, empty splits left out
     "Generate (or reuse) one steady task as Well files."
     if system not in STEADY: raise ValueError(f"system={system!r} is not one of {', '.join(map(repr, STEADY))}")
     if param_split not in SYSTEMS[system].param_splits:
         raise ValueError(f"param_split={param_split!r} is not one of {', '.join(map(repr, SYSTEMS[system].param_splits))} for {system}")
     total = n_train + n_valid + n_test
-    info = generate_dataset(SYSTEMS[system], root, n_traj=total, res=res, seed=seed, param_split=param_split,
-                            name=f'{system}_{param_split}_{res}px_{n_train}-{n_valid}-{n_test}',
+    family, suffix = SYSTEMS[system], ''
+    if system == 'advection_diffusion' and advection_weight != 'exact':
+        family, suffix = AdvectionDiffusionSystem(weight=advection_weight), f'_{advection_weight}'
+    info = generate_dataset(family, root, n_traj=total, res=res, seed=seed, param_split=param_split,
+                            name=f'{system}{suffix}_{param_split}_{res}px_{n_train}-{n_valid}-{n_test}',
                             fractions=(n_train / total, n_valid / total, n_test / total), progress=False)
     return info['files']
 
@@ -111,6 +116,14 @@ def prefix(data: Dataset, # a training set
     if not 1 <= n <= len(data): raise ValueError(f"n={n} is not in 1..{len(data)} (the training set's size)")
     return data.subset(slice(0, n)) if hasattr(data, 'subset') else Subset(data, range(n))
 
+def stride(data: Dataset, # a training set
+           n: int,        # how many examples to keep
+          ) -> Dataset:
+    "Every s-th example of `data`, s = len(data) // n (the paper's `subsample`; nested when the sizes are powers of two)."
+    if not 1 <= n <= len(data): raise ValueError(f"n={n} is not in 1..{len(data)} (the training set's size)")
+    s = len(data) // n
+    return data.subset(slice(0, s * n, s)) if hasattr(data, 'subset') else Subset(data, range(0, s * n, s))
+
 def step_budget(n: int,          # downstream examples
                 steps: int,      # optimiser steps wanted
                 batch_size: int, # largest batch
@@ -118,6 +131,38 @@ def step_budget(n: int,          # downstream examples
     "Epochs and batch that give about `steps` optimiser steps on `n` examples."
     batch = min(batch_size, n)
     return max(1, round(steps * batch / n)), batch
+
+# %% ../../nbs/06a_train.transfer.ipynb #63338b25
+LR_GRID = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3)        # the paper's downstream learning-rate sweep
+RECIPES = {'paper': dict(init='uniform', advection_weight='lookup', budget='epochs', lr_grid=LR_GRID, scaler='downstream', subsample='stride'),
+           'kit': dict(init='normal', advection_weight='exact', budget='steps', lr_grid=(), scaler='own', subsample='prefix')}
+_CHOICES = dict(init=('uniform', 'normal'), advection_weight=('lookup', 'exact'), budget=('epochs', 'steps'),
+                scaler=('downstream', 'own'), subsample=('stride', 'prefix'))
+
+def transfer_recipe(name: str | Mapping = 'kit', # 'kit' | 'paper', or a recipe dict
+           **overrides,                 # single choices to change, e.g. init='normal'
+          ) -> dict:                    # the recipe
+    "A transfer recipe by name, with single choices overridden; every key and value is checked."
+    if isinstance(name, Mapping): base = dict(name)
+    elif name in RECIPES: base = dict(RECIPES[name])
+    else: raise ValueError(f"recipe={name!r} is not one of {', '.join(map(repr, RECIPES))}")
+    for k, v in overrides.items():
+        if k not in RECIPES['kit']: raise ValueError(f"recipe choice {k!r} is not one of {', '.join(map(repr, RECIPES['kit']))}")
+        base[k] = v
+    for k, allowed in _CHOICES.items():
+        if base.get(k) not in allowed: raise ValueError(f"recipe choice {k}={base.get(k)!r} is not one of {', '.join(map(repr, allowed))}")
+    grid = base['lr_grid'] = tuple(float(v) for v in base['lr_grid'])
+    if any(not 0 < v < 1 for v in grid): raise ValueError(f"lr_grid={grid} must hold learning rates in (0, 1)")
+    return base
+
+def parse_overrides(text: str) -> dict:
+    "'init:normal,lr_grid:' -> {'init': 'normal', 'lr_grid': ()} ('=' works as ':'; lr_grid values separated by '/': 'lr_grid:1e-4/1e-3')."
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(','))):
+        k, sep, v = item.replace('=', ':', 1).partition(':')
+        if not sep: raise ValueError(f"recipe override {item!r} must look like choice:value, e.g. init:normal")
+        out[k.strip()] = tuple(float(x) for x in v.split('/') if x) if k.strip() == 'lr_grid' else v.strip()
+    return out
 
 # %% ../../nbs/06a_train.transfer.ipynb #edb35043
 def transfer_curve(pretrained: nn.Module | None,            # the pretrained model (None: scratch only)
@@ -133,22 +178,44 @@ def transfer_curve(pretrained: nn.Module | None,            # the pretrained mod
                    seed: int = 0,                            # run at size n uses seed + n
                    device: str = 'auto',                      # 'auto' | 'cpu' | 'cuda'
                    freeze: Callable[[nn.Module], object] | None = None, # called on the fine-tuned copy before training
+                   recipe: str | Mapping = 'kit',            # 'kit' | 'paper' | a `transfer_recipe(...)` dict (see above)
+                   epochs: int | None = None,                # budget='epochs': epochs per downstream run (paper: 500, as pretraining)
                    **trainer,                                # further `Trainer` arguments
-                  ) -> dict:                                 # {'n', 'scratch', 'finetune', 'zero_shot'}
+                  ) -> dict:                                 # {'n', 'scratch', 'finetune', 'zero_shot'} (+ chosen lrs with a grid)
     "Test errors against downstream size: from scratch, fine-tuned from `pretrained`, and zero-shot."
+    r = transfer_recipe(recipe)
+    if r['budget'] == 'epochs' and not (isinstance(epochs, int) and epochs >= 1):
+        raise ValueError(f"budget='epochs' needs epochs >= 1 (the paper trains downstream runs as long as pretraining), got {epochs!r}")
+    take = prefix if r['subsample'] == 'prefix' else stride
     result = {'n': [int(n) for n in sizes], 'scratch': [], 'finetune': [],
               'zero_shot': heldout_error(pretrained, test_set, device, **trainer) if pretrained is not None else None}
+    if r['lr_grid']: result |= {'scratch_lr': [], 'finetune_lr': []}
+    pool_model = make_model(train_set) if r['scaler'] == 'downstream' else None   # its scaler: fit on the downstream pool
+    def run(start: Callable[[], nn.Module], subset, n, rate, key):
+        "Train from `start()` at each learning rate of the grid (or `rate`); keep the best by validation error."
+        epochs_n, batch = (epochs, min(batch_size, n)) if r['budget'] == 'epochs' else step_budget(n, steps, batch_size)
+        best = None
+        for lr_ in r['lr_grid'] or (rate,):
+            torch.manual_seed(seed + n)
+            model = fit(start(), subset, valid_set, epochs_n, batch, lr_, seed + n, device, **trainer)
+            score = heldout_error(model, valid_set, device, **trainer) if r['lr_grid'] else 0.
+            if best is None or score < best[0]: best = (score, lr_, model)
+        result[key].append(heldout_error(best[2], test_set, device, **trainer))
+        if r['lr_grid']: result[f'{key}_lr'].append(best[1])
     for n in result['n']:
-        subset = prefix(train_set, n)
-        epochs, batch = step_budget(n, steps, batch_size)
-        torch.manual_seed(seed + n)
-        scratch = fit(make_model(subset), subset, valid_set, epochs, batch, lr, seed + n, device, **trainer)
-        result['scratch'].append(heldout_error(scratch, test_set, device, **trainer))
+        subset = take(train_set, n)
+        def scratch_model():
+            model = make_model(subset)
+            if pool_model is not None: model[0].load_state_dict(pool_model[0].state_dict())
+            return model
+        run(scratch_model, subset, n, lr, 'scratch')
         if pretrained is None: continue
-        tuned = copy.deepcopy(pretrained)
-        if freeze is not None: freeze(tuned)
-        tuned = fit(tuned, subset, valid_set, epochs, batch, finetune_lr or lr, seed + n, device, **trainer)
-        result['finetune'].append(heldout_error(tuned, test_set, device, **trainer))
+        def tuned_model():
+            tuned = copy.deepcopy(pretrained)
+            if pool_model is not None: tuned[0].load_state_dict(pool_model[0].state_dict())
+            if freeze is not None: freeze(tuned)
+            return tuned
+        run(tuned_model, subset, n, finetune_lr or lr, 'finetune')
     return result
 
 # %% ../../nbs/06a_train.transfer.ipynb #67c65fb0
