@@ -232,3 +232,56 @@ def test_notebook_runs_under_papermill_and_writes_results(tmp_path):
     assert all(math.isfinite(v) for r in results['probe'].values() for v in r['nmse'].values())
     assert len(results['sweep']) == 3 and results['correlation']['n'] == 3
     assert not list((ROOT / 'nbs').glob('**/results.json'))
+
+
+def test_the_paper_recipe_runs_under_papermill(tmp_path):
+    "-p recipe paper: no final BatchNorm, AdamW 5e-4 with warm-up and cosine to lr/1000, 6 local views, 1024 slices."
+    papermill = pytest.importorskip('papermill')
+    out_dir = tmp_path / 'runs'
+    os.environ.setdefault('OMP_NUM_THREADS', '1'); os.environ['PHYSNB_PROGRESS'] = '0'
+    papermill.execute_notebook(str(ROOT / 'nbs' / '09b_lejepa_study.ipynb'), str(tmp_path / 'executed.ipynb'), cwd=str(ROOT),
+                               parameters=dict(res=16, n_traj=12, steps=5, window=3, epochs=2, width=4, embed_dim=16, sweep_size=0,
+                                               batch_size=8, recipe='paper', out_dir=str(out_dir)), progress_bar=False, kernel_name='python3')
+    saved = json.loads((out_dir / 'results.json').read_text())
+    p = saved['parameters']
+    assert (p['lr'], p['n_local'], p['num_slices'], p['protocol']['batch_size'], p['protocol']['proj_norm']) == (5e-4, 6, 1024, 128, False)
+    lrs = [row['lr'] for row in saved['metrics']['parts']]                 # 24 windows, batch 8 (given): 3 steps an epoch
+    assert lrs[:3] == pytest.approx([5e-4 / 3, 1e-3 / 3, 5e-4]) and min(lrs) >= 5e-7 * 0.999   # warm-up over one epoch, then cosine
+    assert all(math.isfinite(v) for r in saved['metrics']['probe'].values() for v in r['nmse'].values())
+    with pytest.raises(papermill.PapermillExecutionError, match="recipe choice 'optimiser' is not one of"):
+        papermill.execute_notebook(str(ROOT / 'nbs' / '09b_lejepa_study.ipynb'), str(tmp_path / 'bad.ipynb'), cwd=str(ROOT),
+                                   parameters=dict(recipe_overrides='optimiser:sgd', out_dir=str(tmp_path / 'bad')),
+                                   progress_bar=False, kernel_name='python3')
+
+
+def _table(notebook: str, header: str) -> list[list[str]]:
+    for cell in json.loads((ROOT / 'nbs' / notebook).read_text())['cells']:
+        lines = ''.join(cell['source']).splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith(header):
+                rows = []
+                for row in lines[i + 2:]:
+                    if not row.startswith('|'): break
+                    rows.append([c.strip() for c in row.strip('|').split('|')])
+                return rows
+    raise AssertionError(f'{notebook}: no table starting {header!r}')
+
+
+def _codes(cell: str) -> list[str]: return cell.split('`')[1::2]
+
+
+def test_the_differences_tables_state_the_recipes_values():
+    "09a's recipe table and 09b's differences table say what LEJEPA_RECIPES holds."
+    from physnb.train.lejepa import LEJEPA_RECIPES
+    rows = _table('09a_train.lejepa.ipynb', '| choice |')
+    assert {_codes(r[0])[0] for r in rows} == set(LEJEPA_RECIPES['paper'])
+    for choice, paper, kit, _ in rows:
+        key = _codes(choice)[0]
+        for text, preset in ((paper, 'paper'), (kit, 'kit')):
+            assert _codes(text)[0] == str(LEJEPA_RECIPES[preset][key]), (key, preset, text)
+    rows = {r[0]: r for r in _table('09b_lejepa_study.ipynb', '| what | paper |')}
+    for what, keys in {'projector end': ['proj_norm'], 'optimiser': ['lr', 'warmup_epochs'], 'weight decay': ['weight_decay'],
+                       'batch': ['batch_size'], 'views': ['n_local'], 'SIGReg slices': ['num_slices']}.items():
+        for preset, column in (('paper', 1), ('kit', 2)):
+            stated = _codes(rows[what][column])
+            assert stated[:len(keys)] == [str(LEJEPA_RECIPES[preset][k]) for k in keys][:len(stated)] and stated, (what, preset, stated)

@@ -261,6 +261,7 @@ class LeJEPAConfig:
     proj_layers: int = 3        # linear layers in the projector
     lam: float = 0.05           # SIGReg weight λ
     num_slices: int = 256       # SIGReg directions per step
+    proj_norm: bool = True      # end the projector with an affine-free BatchNorm (the kit); False: a plain Linear (the paper)
     seed: int = 0               # seed of the views (and of SIGReg's directions)
 
     def __post_init__(self):
@@ -276,7 +277,7 @@ class LeJEPA(nn.Module):
         self.config, self.field_names = config, list(field_names)
         enc = replace(config.encoder, in_channels=len(self.field_names) * config.views.frames)
         self.encoder = Encoder(enc)
-        self.projector = projector(enc.embed_dim, config.proj_hidden, config.proj_dim, config.proj_layers)
+        self.projector = projector(enc.embed_dim, config.proj_hidden, config.proj_dim, config.proj_layers, config.proj_norm)
         self.views = PhysicsViews(config.views, self.field_names, config.seed)
         self.sigreg = SIGReg(num_slices=config.num_slices, seed=config.seed)
         self.register_buffer('step', torch.zeros((), dtype=torch.long))

@@ -19,9 +19,9 @@ from ..models.lejepa import Encoder, EncoderConfig, LeJEPA, LeJEPAConfig, Physic
 from .trainer import Regression, Task, TrainConfig, Trainer
 
 # %% auto #0
-__all__ = ['LeJEPATask', 'train_lejepa', 'Supervised', 'train_supervised', 'embed', 'ridge_probe', 'probe', 'rankdata',
-           'spearman', 'loss_error_correlation', 'run_sweep', 'probe_figure', 'loss_figure', 'sweep_figure',
-           'run_lejepa']
+__all__ = ['LEJEPA_RECIPES', 'LeJEPATask', 'train_lejepa', 'lejepa_recipe', 'recipe_train_config', 'Supervised',
+           'train_supervised', 'embed', 'ridge_probe', 'probe', 'rankdata', 'spearman', 'loss_error_correlation',
+           'run_sweep', 'probe_figure', 'loss_figure', 'sweep_figure', 'run_lejepa']
 
 # %% ../../nbs/09a_train.lejepa.ipynb #95f47ca7
 class LeJEPATask(Task):
@@ -50,6 +50,54 @@ def train_lejepa(train: FieldWindows,                 # training windows
     trainer = Trainer(model, train, None, tc, LeJEPATask(), callbacks=[record])
     fit = trainer.fit(resume=resume)
     return model, dict(history=fit['history'], parts=parts, steps=fit['steps'], trainer=trainer)
+
+# %% ../../nbs/09a_train.lejepa.ipynb #14af6e8d
+LEJEPA_RECIPES = {
+    'paper': dict(proj_norm=False, lr=5e-4, weight_decay=5e-4, warmup_epochs=1, min_lr_ratio=1e-3, batch_size=128, n_local=6, num_slices=1024),
+    'kit': dict(proj_norm=True, lr=2e-3, weight_decay=5e-4, warmup_epochs=0, min_lr_ratio=0.0, batch_size=16, n_local=2, num_slices=128)}
+
+def _choice(key: str, value, like):
+    "`value` (text from an override, or a value) as the type of `like`, the preset's value for `key`."
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if isinstance(like, bool):
+            if text not in ('true', 'false'): raise ValueError(f"recipe choice {key}={value!r} must be true or false")
+            return text == 'true'
+        try: return type(like)(float(text)) if isinstance(like, float) else int(text)
+        except ValueError: raise ValueError(f"recipe choice {key}={value!r} must be a number") from None
+    if isinstance(like, bool) != isinstance(value, bool): raise ValueError(f"recipe choice {key}={value!r} must be like {like!r}")
+    return type(like)(value)
+
+def lejepa_recipe(name: str = 'kit',  # 'kit' | 'paper'
+                  overrides: str | dict = '', # single choices: 'proj_norm:false,lr:1e-3' or a dict
+                 ) -> dict:           # the recipe
+    "A LeJEPA training recipe by name, with single choices overridden; keys, types and ranges checked."
+    if name not in LEJEPA_RECIPES: raise ValueError(f"recipe={name!r} is not one of {', '.join(map(repr, LEJEPA_RECIPES))}")
+    out = dict(LEJEPA_RECIPES[name])
+    if isinstance(overrides, str):
+        items = [t.strip().replace('=', ':', 1).partition(':') for t in overrides.split(',') if t.strip()]
+        if any(not sep for _, sep, _ in items): raise ValueError(f"recipe overrides {overrides!r} must look like choice:value, e.g. proj_norm:false")
+        overrides = {k.strip(): v for k, _, v in items}
+    for k, v in overrides.items():
+        if k not in out: raise ValueError(f"recipe choice {k!r} is not one of {', '.join(map(repr, out))}")
+        out[k] = _choice(k, v, out[k])
+    if not (out['lr'] > 0 and out['weight_decay'] >= 0 and 0 <= out['min_lr_ratio'] <= 1 and out['warmup_epochs'] >= 0
+            and out['batch_size'] >= 1 and out['n_local'] >= 0 and out['num_slices'] >= 1):
+        raise ValueError(f"recipe {out} has a value out of range (lr > 0, weight_decay >= 0, 0 <= min_lr_ratio <= 1, "
+                         "warmup_epochs >= 0, batch_size >= 1, n_local >= 0, num_slices >= 1)")
+    return out
+
+def recipe_train_config(recipe: dict,         # a `lejepa_recipe`
+                        n_train: int,          # training windows (a warm-up is counted in optimiser steps)
+                        **config,              # the rest of the `TrainConfig` (epochs, seed, device, ...; lr, batch_size win over the recipe's)
+                       ) -> TrainConfig:
+    "The recipe's optimiser and schedule as a `TrainConfig`: AdamW, linear warm-up, cosine to lr·min_lr_ratio."
+    lr, batch = config.pop('lr', recipe['lr']), config.pop('batch_size', recipe['batch_size'])
+    warm = recipe['warmup_epochs'] > 0                  # a warm-up of whole epochs needs the schedule stepped per step
+    per_epoch = max(1, n_train // batch)
+    return TrainConfig(lr=lr, batch_size=batch, optimizer='adamw', weight_decay=recipe['weight_decay'],
+                       schedule_unit='step' if warm else 'epoch', warmup=recipe['warmup_epochs'] * per_epoch if warm else 0,
+                       min_lr=lr * recipe['min_lr_ratio'], **config)
 
 # %% ../../nbs/09a_train.lejepa.ipynb #561b5186
 class Supervised(nn.Module):
@@ -275,17 +323,22 @@ def run_lejepa(data: str,                           # dataset root ROOT/NAME (da
                device: str = 'auto',                # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
                max_steps: int | None = None,        # stop after this many optimiser steps
                probe_params: bool = True,           # ridge-probe the PDE parameters on valid + test after training
+               recipe: str = '',                    # '': the options above; 'kit' | 'paper': that recipe's lr, batch, local views, slices, projector end, optimiser
               ) -> dict:                            # the results (rank 0 also writes out_dir/results.json)
     "Train LeJEPA on a Well dataset (DDP under torchrun) and probe it; rank 0 writes results.json."
     parameters = {k: v for k, v in locals().items()}
     out, tic = run_dir(out_dir), time.perf_counter()
     set_threads()
     train = FieldWindows(data, 'train', window, in_memory=True)
+    r = lejepa_recipe(recipe) if recipe else None
+    if r: lr, batch_size, n_local, num_slices = r['lr'], min(r['batch_size'], len(train)), r['n_local'], r['num_slices']
     config = LeJEPAConfig(encoder=EncoderConfig(width=width, embed_dim=embed_dim),
                           views=ViewConfig(n_global=n_global, n_local=n_local, local_size=local_size),
-                          proj_hidden=proj_hidden, proj_dim=proj_dim, lam=lam, num_slices=num_slices, seed=seed)
-    tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer='adamw', seed=seed, device=device,
-                     out_dir=str(out), max_steps=max_steps, progress=False)
+                          proj_hidden=proj_hidden, proj_dim=proj_dim, lam=lam, num_slices=num_slices, seed=seed,
+                          proj_norm=r['proj_norm'] if r else True)
+    run = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, out_dir=str(out), max_steps=max_steps, progress=False)
+    tc = recipe_train_config(r, len(train), **run) if r else TrainConfig(optimizer='adamw', **run)
+    if r: parameters.update(lr=lr, batch_size=batch_size, n_local=n_local, num_slices=num_slices, protocol=r)
     model, rec = train_lejepa(train, config, tc)
     metrics = dict(history=rec['history'], parts=rec['parts'], world_size=rec['trainer'].world_size)
     if rec['trainer'].rank == 0:
