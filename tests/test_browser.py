@@ -1,0 +1,145 @@
+"""The widgets in a real JupyterLab 4, driven by headless Chromium through Playwright.
+
+One small fixture notebook holds the three widgets (the compression explorer, the rollout scrubber, the
+Cramér–Wold projection explorer) on small random data; the test runs it in the browser and, for each widget,
+checks that it renders (a plot with data, not "Error displaying widget" or a bare repr), that each control changes
+the figure (its title, read from the page before and after), and that the browser console shows no errors. Then it
+reloads the tab with the kernel still running and checks the widgets draw again. The server listens on 127.0.0.1
+with a random token, in a temporary folder; server, kernel and browser are stopped at the end.
+
+Needs Debian's chromium (`apt-get install chromium`; .ci/run installs it) and `pip install playwright`; never
+`playwright install`. Without them the test skips and says why.
+"""
+import json, os, secrets, shutil, signal, socket, subprocess, sys, time, urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+
+CHROMIUM = shutil.which('chromium') or '/usr/bin/chromium'
+sync_api = pytest.importorskip('playwright.sync_api', reason='playwright is not installed (pip install playwright)')
+if not Path(CHROMIUM).exists(): pytest.skip('no chromium at /usr/bin/chromium (apt-get install chromium)', allow_module_level=True)
+
+CELLS = [
+    "import torch\ntorch.manual_seed(0)",
+    "from physnb.models.tokeniser import Tokeniser, TokeniserConfig\nfrom physnb.viz.widgets import compression_explorer\n"
+    "tok = Tokeniser(TokeniserConfig(field_names=['a', 'b'], width=8, latent=4))\n"
+    "compression_explorer(tok, torch.randn(2, 8, 2, 32, 32), ['a', 'b'], levels=[(4, 1), (8, 1)])",
+    "from physnb.viz.widgets import rollout_scrubber\ntruth = torch.randn(6, 2, 16, 16)\n"
+    "rollout_scrubber(truth, truth + 0.1 * torch.randn_like(truth), ['u', 'v'])",
+    "from physnb.viz.cramer_wold import projection_explorer, x_distribution\nprojection_explorer(x_distribution(400))",
+]
+WIDGET = '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output:has(.widget-vbox)'
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+@pytest.fixture
+def lab(tmp_path):
+    "JupyterLab on 127.0.0.1 with a random token, serving tmp_path; stopped (with its kernels) afterwards."
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS])
+    nb.metadata['kernelspec'] = dict(name='python3', display_name='Python 3', language='python')
+    nbformat.write(nb, tmp_path / 'widgets.ipynb')
+    port, token = _free_port(), secrets.token_hex(16)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PHYSNB_PROGRESS': '0', 'JUPYTER_RUNTIME_DIR': str(tmp_path / '.runtime'),
+           'JUPYTERLAB_WORKSPACES_DIR': str(tmp_path / '.workspaces')}
+    cmd = [sys.executable, '-m', 'jupyterlab', '--no-browser', '--ip', '127.0.0.1', '--port', str(port),
+           f'--IdentityProvider.token={token}', f'--ServerApp.root_dir={tmp_path}', '--LabApp.news_url=None',
+           '--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate']
+    if hasattr(os, 'geteuid') and os.geteuid() == 0: cmd.append('--allow-root')
+    log = open(tmp_path / 'lab.log', 'w')
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f'http://127.0.0.1:{port}'
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f'{url}/api/status?token={token}', timeout=1); break
+            except OSError: time.sleep(0.1)
+        else: pytest.fail('JupyterLab did not start:\n' + (tmp_path / 'lab.log').read_text()[-2000:])
+        yield dict(url=url, token=token)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)            # the server shuts its kernels down on SIGTERM
+        try: server.wait(30)
+        except subprocess.TimeoutExpired: os.killpg(server.pid, signal.SIGKILL); server.wait()
+        log.close()
+
+
+def _wait_idle(page, timeout=120):
+    "Until no cell is queued or running and the kernel status reads Idle twice in a row."
+    deadline, calm = time.time() + timeout, 0
+    while time.time() < deadline:
+        busy = page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-InputPrompt').filter(has_text='[*]').count()
+        status = ' '.join(page.locator('.jp-StatusBar-TextItem').all_inner_texts())
+        calm = calm + 1 if not busy and 'Idle' in status else 0
+        if calm >= 2: return
+        time.sleep(0.5)
+    raise AssertionError('the notebook did not finish running')
+
+
+def _title(widget) -> str:
+    return widget.locator('.gtitle').first.text_content(timeout=10_000)   # SVG text: no inner_text
+
+
+def _changes(widget, act, what):
+    before = _title(widget)
+    act()
+    for _ in range(100):
+        if _title(widget) != before: return
+        time.sleep(0.1)
+    raise AssertionError(f'{what} did not change the figure (title still {before!r})')
+
+
+def _rendered(page, n=3):
+    widgets = page.locator(WIDGET)
+    widgets.nth(n - 1).locator('.js-plotly-plot').wait_for(timeout=60_000)
+    text = page.locator('.jp-NotebookPanel:not(.lm-mod-hidden)').inner_text()
+    assert 'Error displaying widget' not in text and 'FigureWidget(' not in text and 'VBox(' not in text, text[-2000:]
+    assert widgets.count() == n
+    for i in range(n):
+        w = widgets.nth(i)
+        assert w.locator('.js-plotly-plot').count() >= 1 and (w.locator('.hm image').count() + w.locator('path.js-line').count()) > 0, i
+    return widgets
+
+
+def test_the_widgets_render_respond_and_survive_a_reload(lab):
+    errors = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=['--no-sandbox'])
+        try:
+            page = browser.new_page(viewport=dict(width=1280, height=900))
+            page.on('console', lambda m: errors.append(m.text) if m.type == 'error' else None)
+            page.on('pageerror', lambda e: errors.append(str(e)))
+            page.goto(f"{lab['url']}/lab/tree/widgets.ipynb?reset&token={lab['token']}")
+            page.locator('.jp-NotebookPanel .jp-Cell').first.wait_for(timeout=60_000)
+            _wait_idle(page)
+            page.locator('.lm-MenuBar-itemLabel', has_text='Run').click()
+            page.locator('li.lm-Menu-item[data-command="runmenu:run-all"]').click()
+            _wait_idle(page, 180)
+            explorer, scrubber, projection = (_rendered(page).nth(i) for i in range(3))
+
+            _changes(explorer, lambda: explorer.locator('select').nth(1).select_option(index=1), 'the compression dropdown')
+            _changes(explorer, lambda: explorer.locator('select').nth(0).select_option('b'), 'the field dropdown')
+            for i, what in ((0, 'the sample slider'), (1, 'the time slider')):
+                _changes(explorer, lambda: (explorer.locator('.slider-container .noUi-handle').nth(i).focus(),
+                                            page.keyboard.press('ArrowRight')), what)
+            _changes(scrubber, lambda: (scrubber.locator('.noUi-handle').first.focus(), page.keyboard.press('ArrowRight')), 'the step slider')
+            _changes(scrubber, lambda: scrubber.locator('select').select_option('v'), 'the field dropdown of the scrubber')
+            _changes(projection, lambda: (projection.locator('.noUi-handle').first.focus(), page.keyboard.press('ArrowRight')),
+                     'the angle slider')
+
+            page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell').first.click()
+            page.keyboard.press('Control+s')                # saved outputs name the widgets; the kernel still holds them
+            page.locator('.jp-mod-dirty').wait_for(state='detached', timeout=30_000)
+            page.reload()                                  # the kernel still runs: the widgets must draw again from its state
+            page.locator('.jp-NotebookPanel .jp-Cell').first.wait_for(timeout=60_000)
+            try: _rendered(page)
+            except Exception:
+                page.screenshot(path=str(Path(os.environ.get('PHYSNB_SCREENSHOTS', '/tmp')) / 'after_reload.png'))
+                raise AssertionError('after a reload: ' + page.locator('.jp-NotebookPanel:not(.lm-mod-hidden)').inner_text()[-1500:]) from None
+        finally:
+            browser.close()
+    errors = [e for e in errors if 'favicon' not in e]
+    assert not errors, errors
