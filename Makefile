@@ -16,7 +16,7 @@ QUIET   := 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' |
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: setup install main test test-notebooks test-pytest bench
+.PHONY: setup install main test test-notebooks test-pytest bench docs
 # (re)install only when pyproject.toml's content changed: nbdev-export rewrites it and bumps its mtime
 setup:
 	@cmp -s pyproject.toml $(VENV)/.physnb-installed 2>/dev/null || $(MAKE) --no-print-directory install
@@ -45,3 +45,7 @@ test-pytest:
 # every bench/bench_*.py; each prints ratios against its peer and writes bench/out/<name>.json
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python $$b || exit 1; done
+
+# static HTML of every notebook run at its smoke defaults, under _docs/ (index.html links them); NOTEBOOKS="00_index 05_finetune" for a few
+docs: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tools/make_docs.py $(NOTEBOOKS)

@@ -14,6 +14,7 @@ from plotly.subplots import make_subplots
 
 from ..core import derive_seed, progress as progress_bar
 from ..models.sigreg import SIGReg, UNIVARIATE_TESTS, epps_pulley_grid, unit_directions
+from .widgets import FigureBox
 
 
 # %% auto #0
@@ -198,7 +199,7 @@ def projection_explorer(points: torch.Tensor,               # (N, 2) points, e.g
     slider = widgets.FloatSlider(value=float(angle), min=0.0, max=180.0, step=1.0, description='θ (deg)',
                                  continuous_update=True, layout=widgets.Layout(width='500px'))
     slider.observe(lambda change: explorer.show(change['new']), names='value')
-    box = widgets.VBox([slider, figure])
+    box = FigureBox([slider, figure])          # a static copy of the figure for pages without widgets
     box.explorer, box.slider, box.figure = explorer, slider, figure
     return box
 

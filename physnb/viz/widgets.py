@@ -21,7 +21,7 @@ from ..metrics import vrmse
 
 
 # %% auto #0
-__all__ = ['frames_of', 'Windows', 'as_z', 'heatmap_row', 'update_panels', 'symmetric_range', 'compression_levels',
+__all__ = ['frames_of', 'Windows', 'as_z', 'heatmap_row', 'update_panels', 'symmetric_range', 'compression_levels', 'FigureBox',
            'CompressionExplorer', 'compression_explorer', 'RolloutScrubber', 'rollout_scrubber']
 
 # %% ../../nbs/03b_viz.widgets.ipynb #e92920ef
@@ -153,13 +153,17 @@ def compression_levels(tokeniser,                  # has .check_compression(shap
     return fits
 
 # %% ../../nbs/03b_viz.widgets.ipynb #79b8c426
-class _FigureBox(widgets.VBox):
-    "A VBox that refreshes its figures' saved state when displayed (Voilà and reloaded pages draw from it)."
+class FigureBox(widgets.VBox):
+    "A VBox of controls and figures that refreshes its figures' saved state when displayed, with a static copy for pages without widgets."
     def _repr_mimebundle_(self, **kwargs):
-        for fig in self.children:
-            if isinstance(fig, go.FigureWidget):  # the same refresh plotly does when a FigureWidget is displayed alone
-                fig._widget_layout, fig._widget_data = deepcopy(fig._layout_obj._props), deepcopy(fig._data)
-        return super()._repr_mimebundle_(**kwargs)
+        figures = [fig for fig in self.children if isinstance(fig, go.FigureWidget)]
+        for fig in figures:                       # the same refresh plotly does when a FigureWidget is displayed alone
+            fig._widget_layout, fig._widget_data = deepcopy(fig._layout_obj._props), deepcopy(fig._data)
+        bundle = super()._repr_mimebundle_(**kwargs)
+        if isinstance(bundle, tuple): bundle = bundle[0]
+        if figures:                               # JupyterLab shows the widget; a static page (make docs, nbconvert) the figure as drawn now
+            bundle = {**bundle, 'text/html': ''.join(go.Figure(fig).to_html(include_plotlyjs=False, full_html=False) for fig in figures)}
+        return bundle
 
 def _model_device(model, device) -> torch.device:
     if device is not None: return get_device(device)
@@ -200,7 +204,7 @@ class CompressionExplorer:
                                    description='compression', style=dict(description_width='initial')))
         self.figure = heatmap_row(['original', 'reconstruction', 'error = reconstruction − original'], scales=(0, 0, 1),
                                   height=height)
-        self.widget = _FigureBox([widgets.HBox(list(self.controls.values()), layout=dict(flex_flow='row wrap')), self.figure])
+        self.widget = FigureBox([widgets.HBox(list(self.controls.values()), layout=dict(flex_flow='row wrap')), self.figure])
         self.widget.explorer = self
         for c in self.controls.values(): c.observe(self.update, names='value')
         self.update()
@@ -305,7 +309,7 @@ class RolloutScrubber:
         self.figure = heatmap_row([labels[0], labels[1], f'error = {labels[1]} − {labels[0]}'], scales=(0, 0, 1),
                                   curve='VRMSE per step', lines=('VRMSE', 'this step'), height=height)
         self.figure.data[4].update(mode='markers', marker=dict(size=10, color='black'))
-        self.widget = _FigureBox([widgets.HBox(list(self.controls.values())), self.figure])
+        self.widget = FigureBox([widgets.HBox(list(self.controls.values())), self.figure])
         self.widget.explorer = self
         for c in self.controls.values(): c.observe(self.update, names='value')
         self.update()

@@ -1,0 +1,62 @@
+"""`make docs`: run the notebooks at their smoke defaults and write static HTML pages, with their outputs, to _docs/.
+
+No Quarto here, so nbdev's docs site is out: each notebook is executed by nbclient in `nbs/` (as nbdev-test
+runs it; cells tagged `skip-execution` are skipped), converted by nbconvert's `lab` template, and given plotly.js
+once in its <head>, so every figure opens offline. Widgets show the figure they drew when the notebook ran (their
+static copy). `_docs/index.html` links every page with its run time, or the error that stopped it.
+
+    python tools/make_docs.py                      # every notebook (about as long as nbdev-test on one worker)
+    python tools/make_docs.py 00_index 08a_viz.cramer_wold --out /tmp/docs
+"""
+from __future__ import annotations
+import argparse, html, os, sys, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build(names: list[str] | None = None, out: str | Path = ROOT / '_docs', timeout: int = 900) -> dict:
+    "Execute and render the notebooks `names` (stems; default every notebook of nbs/); return {stem: seconds or error}."
+    import nbformat, plotly.offline
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+    from nbconvert import HTMLExporter
+    from physnb.core import atomic_write
+    nbs, out = ROOT / 'nbs', Path(out)
+    paths = [nbs / f'{n}.ipynb' for n in names] if names else sorted(p for p in nbs.glob('*.ipynb') if not p.name.startswith(('_', '.')))
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing: raise FileNotFoundError(f"no such notebook(s): {', '.join(missing)}")
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.update(PLOTLY_RENDERER='notebook', PHYSNB_PROGRESS='0', OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'))
+    head = f'<head><script type="text/javascript">{plotly.offline.get_plotlyjs()}</script>'
+    exporter, report = HTMLExporter(template_name='lab'), {}
+    for path in paths:
+        nb, tic = nbformat.read(path, as_version=4), time.perf_counter()
+        try:
+            NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(nbs)}}).execute()
+            report[path.stem] = round(time.perf_counter() - tic, 1)
+        except CellExecutionError as e:                 # the page still shows what ran, and the error
+            report[path.stem] = str(e).strip().splitlines()[-1][:300]
+        body, _ = exporter.from_notebook_node(nb)
+        if 'plotly-graph-div' in body: body = body.replace('<head>', head, 1)     # plotly.js once, before any figure
+        with atomic_write(out / f'{path.stem}.html') as f: f.write(body)
+        print(f'{path.stem}: {report[path.stem]}', file=sys.stderr, flush=True)
+    rows = ''.join(f'<li><a href="{html.escape(n)}.html">{html.escape(n)}</a> — '
+                   f'{f"{v} s" if isinstance(v, float) else "<b>failed</b>: " + html.escape(v)}</li>' for n, v in report.items())
+    with atomic_write(out / 'index.html') as f:
+        f.write(f'<!doctype html><html><head><meta charset="utf-8"><title>physnb notebooks</title></head><body>'
+                f'<h1>physnb: the notebooks, run</h1><p>Start with <a href="00_index.html">00_index</a>. Built '
+                f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} at the notebooks\' smoke defaults.</p><ul>{rows}</ul></body></html>')
+    return report
+
+
+if __name__ == '__main__':
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('notebooks', nargs='*', help='notebook stems, e.g. 00_index 08a_viz.cramer_wold (default: all)')
+    p.add_argument('--out', default=str(ROOT / '_docs'), help='output folder (default: _docs)')
+    p.add_argument('--timeout', type=int, default=900, help='seconds per cell')
+    a = p.parse_args()
+    report = build(a.notebooks or None, a.out, a.timeout)
+    failed = [n for n, v in report.items() if not isinstance(v, float)]
+    print(f"{len(report) - len(failed)} pages written to {a.out}" + (f"; failed: {', '.join(failed)}" if failed else ''))
+    sys.exit(1 if failed else 0)
