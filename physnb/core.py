@@ -125,9 +125,11 @@ def scratch_dir(prefix: str = 'physnb_', # the folder name's start, in the syste
     _SCRATCH.append(d)
     return Path(d.name)
 
-def remove_scratch() -> None:
-    "Remove every `scratch_dir` this process made (a notebook's last cell: worker processes may end without exit hooks)."
-    while _SCRATCH: _SCRATCH.pop().cleanup()
+def remove_scratch(now: bool | None = None, # True: now; None: now under nbdev-test (IN_TEST set), else when the process ends
+                  ) -> None:
+    "Remove the `scratch_dir`s this process made: a notebook's last cell (test workers may end without exit hooks)."
+    if now is None: now = bool(os.environ.get('IN_TEST'))   # in JupyterLab, widgets above may still read their data
+    while now and _SCRATCH: _SCRATCH.pop().cleanup()
 
 def _mb(n: float) -> str: return f"{n / 2**20:,.1f} MB"
 

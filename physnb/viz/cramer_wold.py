@@ -159,10 +159,10 @@ class ProjectionExplorer:
             fig.add_trace(go.Scatter(x=[self.angle], y=[self._marker_y(name, stats[name])], mode='markers', legendgroup=name,
                                      showlegend=False, marker=dict(size=9, color='black'), name=name + ' at θ'), 1, 3)
         fig.update_xaxes(range=[-4.2, 4.2], row=1, col=1); fig.update_yaxes(range=[-4.2, 4.2], scaleanchor='x', row=1, col=1)
-        fig.update_xaxes(range=[-4, 4], row=1, col=2); fig.update_yaxes(range=[0, 0.9], row=1, col=2)
+        fig.update_xaxes(range=[-4, 4], row=1, col=2); fig.update_yaxes(autorange=True, rangemode='tozero', row=1, col=2)  # a spike stays in view
         fig.update_xaxes(title_text='θ (degrees)', row=1, col=3); fig.update_yaxes(range=[-0.05, 1.05], row=1, col=3)
-        fig.update_layout(height=380, width=1100, margin=dict(l=30, r=10, t=60, b=40), bargap=0.02,
-                          title=dict(text=self._title(stats)), legend=dict(x=1.0, y=1.0))
+        fig.update_layout(height=420, autosize=True, margin=dict(l=30, r=10, t=60, b=90), bargap=0.02,   # width: the output area's
+                          title=dict(text=self._title(stats)), legend=dict(orientation='h', x=0.66, xanchor='left', y=-0.18, yanchor='top'))
         self.figure = go.FigureWidget(fig)
         return self.figure
 
@@ -197,7 +197,7 @@ def projection_explorer(points: torch.Tensor,               # (N, 2) points, e.g
     explorer.angle = float(angle)
     figure = explorer.build()
     slider = widgets.FloatSlider(value=float(angle), min=0.0, max=180.0, step=1.0, description='θ (deg)',
-                                 continuous_update=True, layout=widgets.Layout(width='500px'))
+                                 continuous_update=True, layout=widgets.Layout(width='min(500px, 100%)'))
     slider.observe(lambda change: explorer.show(change['new']), names='value')
     box = FigureBox([slider, figure])          # a static copy of the figure for pages without widgets
     box.explorer, box.slider, box.figure = explorer, slider, figure

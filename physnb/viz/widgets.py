@@ -86,13 +86,16 @@ def heatmap_row(titles: Sequence[str],               # one heatmap panel per tit
     if len(scales) != len(titles): raise ValueError(f"scales has {len(scales)} entries for {len(titles)} panels")
     if lines and curve is None: raise ValueError("lines need a curve panel: pass curve='its title'")
     n = len(titles) + (curve is not None)
-    fig = make_subplots(rows=1, cols=n, subplot_titles=list(titles) + ([curve] if curve else []), horizontal_spacing=0.07)
+    wrap = lambda t: t.replace(' = ', ' =<br>', 1) if len(t) > 22 else t          # long titles take two lines, not the neighbour's room
+    fig = make_subplots(rows=1, cols=n, subplot_titles=[wrap(t) for t in titles] + ([curve] if curve else []),
+                        horizontal_spacing=0.09 if curve else 0.07)
     for k, a in enumerate(scales):
         fig.add_heatmap(z=[[0.0]], coloraxis=_coloraxis(a), name=titles[k], row=1, col=k + 1,
                         hovertemplate='x %{x}, y %{y}: %{z:.4g}<extra></extra>')
         fig.update_xaxes(showticklabels=False, constrain='domain', row=1, col=k + 1)
         fig.update_yaxes(showticklabels=False, constrain='domain', scaleanchor=f"x{k + 1 if k else ''}", row=1, col=k + 1)
     for name in lines: fig.add_scatter(x=[], y=[], name=name, mode='lines', row=1, col=n)
+    if curve: fig.update_yaxes(side='right', row=1, col=n)                   # its tick labels clear of the colour bar on its left
     for a in sorted(set(scales)):
         last = max(k for k, b in enumerate(scales) if b == a)               # colour bar right of its last panel
         x_right = fig.layout[f"xaxis{last + 1 if last else ''}"].domain[1]
@@ -180,8 +183,10 @@ class CompressionExplorer:
                  height: int = 340,               # figure height in pixels
                  max_cached: int = 64,            # reconstructions kept (least recently used dropped first)
                  max_size: int = 128,             # drawn points per axis at most (larger fields block-averaged; metrics use all)
+                 trained: Sequence | None = None, # levels the tokeniser was trained at: the others are marked 'not trained' (None: no marks)
                 ):
         self.tokeniser, self.device, self.max_size = tokeniser, _model_device(tokeniser, device), max_size
+        self.trained = None if trained is None else {tuple(l) for l in trained}
         self.windows = Windows(samples)
         field_names = getattr(samples, 'field_names', None) if field_names is None else field_names
         if field_names is None: raise ValueError("field_names=None needs samples.field_names; pass field_names=['name', ...] (one per channel)")
@@ -201,7 +206,8 @@ class CompressionExplorer:
             time=widgets.IntSlider(0, 0, T - 1, description='time', disabled=T == 1),
             field=widgets.Dropdown(options=self.field_names, value=self.field_names[0], description='field'),
             level=widgets.Dropdown(options=[(self.level_label(l), l) for l in self.levels], value=self.levels[0],
-                                   description='compression', style=dict(description_width='initial')))
+                                   description='compression', style=dict(description_width='initial'),
+                                   layout=widgets.Layout(width='min(420px, 100%)')))   # room for '16×16 space, ×4 time (1024 tokens)'
         self.figure = heatmap_row(['original', 'reconstruction', 'error = reconstruction − original'], scales=(0, 0, 1),
                                   height=height)
         self.widget = FigureBox([widgets.HBox(list(self.controls.values()), layout=dict(flex_flow='row wrap')), self.figure])
@@ -212,7 +218,8 @@ class CompressionExplorer:
     def token_count(self, level) -> int: return int(self.tokeniser.token_count(self.shape, tuple(level)))
     def level_label(self, level) -> str:
         s, t = level
-        return f"{s}×{s} space, ×{t} time ({self.token_count(level)} tokens)"
+        mark = ' · not trained' if self.trained is not None and tuple(level) not in self.trained else ''
+        return f"{s}×{s} space, ×{t} time ({self.token_count(level)} tokens){mark}"
 
     def compression_ratio(self, level) -> float:
         "Numbers in a window over numbers in its tokens (tokens alone if the tokeniser has no `config.latent`)."
@@ -280,9 +287,10 @@ def compression_explorer(tokeniser,                  # physnb Tokeniser (or the 
                          height: int = 340,          # figure height in pixels
                          max_cached: int = 64,       # reconstructions kept in memory
                          max_size: int = 128,        # drawn points per axis at most (larger field_names block-averaged)
+                         trained: Sequence | None = None, # levels the tokeniser was trained at; others are marked 'not trained'
                         ) -> widgets.Widget:         # a VBox of controls and figure; its `.explorer` is the state
     "Pick sample, time, field and compression level; see original, reconstruction, error, token count and VRMSE."
-    return CompressionExplorer(tokeniser, samples, field_names, levels, device, height, max_cached, max_size).widget
+    return CompressionExplorer(tokeniser, samples, field_names, levels, device, height, max_cached, max_size, trained).widget
 
 # %% ../../nbs/03b_viz.widgets.ipynb #8c9b2abf
 class RolloutScrubber:
