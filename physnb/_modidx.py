@@ -980,6 +980,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                         'physnb.viz.cramer_wold.x_projection_cf': ( 'viz.cramer_wold.html#x_projection_cf',
                                                                                     'physnb/viz/cramer_wold.py')},
             'physnb.viz.fields': { 'physnb.viz.fields.animate': ('viz.fields.html#animate', 'physnb/viz/fields.py'),
+                                   'physnb.viz.fields.playback': ('viz.fields.html#playback', 'physnb/viz/fields.py'),
                                    'physnb.viz.fields.plot_steady_samples': ( 'viz.fields.html#plot_steady_samples',
                                                                               'physnb/viz/fields.py')},
             'physnb.viz.widgets': { 'physnb.viz.widgets.CompressionExplorer': ( 'viz.widgets.html#compressionexplorer',

@@ -12,6 +12,7 @@ import torch
 from fastcore.docments import docments
 
 from .core import atomic_write, get_device, interruptible, set_threads, progress
+from .results import QUIET_INTERRUPTS
 from .sim.systems import SYSTEMS, get_system
 from .data.well import check_well_file, read_well
 from .data.info import info, info_text
@@ -147,9 +148,10 @@ def preview_figure(trajs: dict,          # name -> Trajectories (first trajector
     "One animated heatmap per system (its first field), sharing one time slider over frame indices."
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
+    from physnb.viz.fields import playback           # plotting only: the CLI imports no plotly
     names = list(trajs); n = len(names)
     first = {k: next(iter(t.fields)) for k, t in trajs.items()}
-    fig = make_subplots(rows=1, cols=n, subplot_titles=[f'{k}: {first[k]}' for k in names], horizontal_spacing=0.03)
+    fig = make_subplots(rows=1, cols=n, subplot_titles=[f'{k}: {first[k]}' for k in names], horizontal_spacing=0.06)
     T = min(t.n_steps for t in trajs.values())
     keep = torch.linspace(0, T - 1, min(T, max_frames)).round().long().unique()
     frames_of = {k: trajs[k].fields[first[k]][0, keep].float() for k in names}     # (T', Nx, Ny)
@@ -157,14 +159,13 @@ def preview_figure(trajs: dict,          # name -> Trajectories (first trajector
     z = lambda a: a.T.numpy().round(4).tolist()                                      # 4 decimals: a smaller page
     for j, k in enumerate(names):
         f = frames_of[k]
-        fig.add_trace(go.Heatmap(z=z(f[0]), colorscale='RdBu_r', showscale=False, zmin=float(f.min()), zmax=float(f.max())), 1, j + 1)
+        lo, hi = (float(v) for v in torch.quantile(f.flatten()[::max(1, f.numel() // 100_000)], torch.tensor([0.005, 0.995])))
+        right = fig.layout[f"xaxis{j + 1 if j else ''}"].domain[1]       # a colour bar right of each panel
+        fig.add_trace(go.Heatmap(z=z(f[0]), colorscale='Viridis', zmin=lo, zmax=hi if hi > lo else lo + 1,   # robust range: no saturation
+                                 colorbar=dict(x=right + 0.004, xanchor='left', len=0.8, thickness=8, tickfont=dict(size=9))), 1, j + 1)
     fig.frames = [go.Frame(name=str(t), data=[go.Heatmap(z=z(frames_of[k][t])) for k in names],
                            traces=list(range(n))) for t in range(T)]
-    fig.update_layout(height=320, width=260 * n + 60, margin=dict(t=60, b=80, l=20, r=20),
-        sliders=[dict(steps=[dict(method='animate', label=str(t), args=[[str(t)], dict(mode='immediate', frame=dict(duration=0, redraw=True))]) for t in range(T)],
-                      currentvalue=dict(prefix='frame ')),],
-        updatemenus=[dict(type='buttons', showactive=False, y=-0.15, x=0, xanchor='left',
-                          buttons=[dict(label='play', method='animate', args=[None, dict(frame=dict(duration=120, redraw=True), fromcurrent=True)])])])
+    fig.update_layout(height=340, width=300 * n + 60, margin=dict(t=60, b=90, l=20, r=40), **playback(range(T), 'frame ', 120))
     for j in range(n): fig.update_xaxes(visible=False, row=1, col=j + 1); fig.update_yaxes(visible=False, scaleanchor=f'x{j + 1 if j else ""}', row=1, col=j + 1)
     return fig
 
@@ -190,7 +191,7 @@ def run_preview(out: str = 'runs/preview', # output folder: data/ (Well datasets
     trajs = {name: read_well(next(iter(sorted((out / 'data' / name / 'data' / 'train').glob('*.hdf5')))))
              for name in systems}
     html = out / 'preview.html'
-    with atomic_write(html) as f: f.write(preview_figure(trajs).to_html(include_plotlyjs=True, full_html=True))
+    with atomic_write(html) as f: f.write(preview_figure(trajs).to_html(include_plotlyjs=True, full_html=True, post_script=QUIET_INTERRUPTS))
     return {'out': str(out), 'systems': list(systems), 'preview': str(html), 'seconds': round(time.time() - t0, 1)}
 
 # %% ../nbs/11_cli.ipynb #38912d24

@@ -14,8 +14,8 @@ import torch
 from .core import atomic_write
 
 # %% auto #0
-__all__ = ['SCHEMA', 'RESULT_KEYS', 'versions', 'write_results', 'read_results', 'run_dir', 'check_parameters',
-           'experiment_parameters']
+__all__ = ['SCHEMA', 'RESULT_KEYS', 'QUIET_INTERRUPTS', 'versions', 'write_results', 'read_results', 'run_dir',
+           'check_parameters', 'experiment_parameters']
 
 # %% ../nbs/00c_results.ipynb #ad8bf467
 SCHEMA = 'physnb.results/1'
@@ -47,6 +47,11 @@ def _check_json(value: Any, where: str):
                     "(convert tensors with .tolist() or .item())")
 
 # %% ../nbs/00c_results.ipynb #1e829307
+# plotly.js rejects the promise of an animation that a slider drag interrupts, with no handler: an "Uncaught (in promise)
+# undefined" page error. Offline pages carry this handler, which silences exactly that rejection.
+QUIET_INTERRUPTS = ("if (!window._physnbQuiet) { window._physnbQuiet = true; window.addEventListener('unhandledrejection', "
+                    "function (e) { if (e.reason === undefined) e.preventDefault(); }); }")
+
 def write_results(out_dir: str | Path,           # the run's folder (created if missing)
                   experiment: str,               # name of the experiment
                   parameters: Mapping[str, Any], # every parameter that decided the run
@@ -68,7 +73,7 @@ def write_results(out_dir: str | Path,           # the run's folder (created if 
     _check_json(result, 'results')
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     for name, fig in figures.items():
-        with atomic_write(out / f'{name}.html') as f: f.write(fig.to_html(include_plotlyjs=True, full_html=True))
+        with atomic_write(out / f'{name}.html') as f: f.write(fig.to_html(include_plotlyjs=True, full_html=True, post_script=QUIET_INTERRUPTS))
     with atomic_write(out / 'results.json') as f: json.dump(result, f, indent=1)
     return out / 'results.json'
 

@@ -143,3 +143,40 @@ def test_the_widgets_render_respond_and_survive_a_reload(lab):
             browser.close()
     errors = [e for e in errors if 'favicon' not in e]
     assert not errors, errors
+
+
+def _boxes_overlap(a, b) -> bool:
+    return not (a['x'] + a['width'] <= b['x'] or b['x'] + b['width'] <= a['x'] or a['y'] + a['height'] <= b['y'] or b['y'] + b['height'] <= a['y'])
+
+
+def test_the_preview_animation_has_colour_bars_clear_controls_and_no_page_error(tmp_path):
+    "physnb preview's page: a colour bar per panel, play/pause clear of the slider and its label, no page error when the slider is dragged during play."
+    import torch
+    from physnb.cli import preview_figure
+    from physnb.results import QUIET_INTERRUPTS
+    from physnb.sim.systems import SYSTEMS
+    trajs = {n: SYSTEMS[n].simulate(1, res=16, steps=12, seed=0, device='cpu', progress=False) for n in ('gray_scott', 'ns2d')}
+    (tmp_path / 'preview.html').write_text(preview_figure(trajs).to_html(include_plotlyjs=True, full_html=True, post_script=QUIET_INTERRUPTS))
+    errors = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=['--no-sandbox'])
+        try:
+            page = browser.new_page(viewport=dict(width=1280, height=800))
+            page.on('pageerror', lambda e: errors.append(f'page error: {e}'))
+            page.on('console', lambda m: errors.append(m.text) if m.type == 'error' else None)
+            page.goto((tmp_path / 'preview.html').as_uri()); page.wait_for_selector('.slider-container')
+            assert page.locator('.colorbar').count() == 2
+            buttons = [page.locator('.updatemenu-button').nth(i).bounding_box() for i in range(page.locator('.updatemenu-button').count())]
+            assert len(buttons) == 2                                                  # play and pause
+            for part in ('.slider-label', '.slider-rail-rect'):                         # the 'frame N' label and the slider
+                assert not any(_boxes_overlap(b, page.locator(part).first.bounding_box()) for b in buttons), part
+            page.locator('.updatemenu-button').first.click(); time.sleep(0.3)          # play, then drag the slider while it plays
+            rail = page.locator('.slider-rail-rect').first.bounding_box()
+            y = rail['y'] + rail['height'] / 2
+            page.mouse.move(rail['x'] + 5, y); page.mouse.down()
+            for k in range(15): page.mouse.move(rail['x'] + 5 + k * rail['width'] / 16, y); time.sleep(0.03)
+            page.mouse.up(); time.sleep(1)
+            assert page.locator('.slider-label').first.text_content().startswith('frame ')
+        finally:
+            browser.close()
+    assert not errors, errors

@@ -15,6 +15,7 @@ from plotly.subplots import make_subplots
 from ..core import derive_seed, progress as progress_bar
 from ..models.sigreg import SIGReg, UNIVARIATE_TESTS, epps_pulley_grid, unit_directions
 from .widgets import FigureBox
+from .fields import playback
 
 
 # %% auto #0
@@ -296,11 +297,6 @@ def animate_unfold(result: dict[str, torch.Tensor], # output of `unfold_points`
     def title(f): return f"SIGReg on the points, step {steps[f]}: Epps–Pulley on the diagonals {float(diagonal[f]):.2f}"
     fig = go.Figure(data=[scatter(0)],
                     frames=[go.Frame(data=[scatter(f)], name=str(s), layout=dict(title_text=title(f))) for f, s in enumerate(steps)])
-    slider = dict(active=0, currentvalue=dict(prefix='step '), pad=dict(t=30),
-                  steps=[dict(method='animate', label=str(s), args=[[str(s)], dict(mode='immediate', frame=dict(duration=0, redraw=True))])
-                         for s in steps])
-    play = dict(type='buttons', showactive=False, x=0.0, y=-0.12, xanchor='left',
-                buttons=[dict(label='play', method='animate', args=[None, dict(frame=dict(duration=150, redraw=True), fromcurrent=True)])])
-    fig.update_layout(sliders=[slider], updatemenus=[play], width=520, height=540, title=dict(text=title(0), font_size=13),
+    fig.update_layout(**playback(steps, 'step '), width=520, height=580, margin=dict(b=110), title=dict(text=title(0), font_size=13),
                       xaxis=dict(range=[-4.5, 4.5], title='x₁'), yaxis=dict(range=[-4.5, 4.5], title='x₂', scaleanchor='x'))
     return fig

@@ -13,7 +13,22 @@ from plotly.subplots import make_subplots
 from ..core import Trajectories
 
 # %% auto #0
-__all__ = ['animate', 'plot_steady_samples']
+__all__ = ['playback', 'animate', 'plot_steady_samples']
+
+# %% ../../nbs/00b_viz.fields.ipynb #4d01fb89
+def playback(frame_names: Sequence,    # the frames' names, in order (each a slider step)
+             prefix: str = 'frame ',   # the slider's label before the current frame's name
+             duration: int = 150,      # milliseconds per frame when playing
+            ) -> dict:                 # layout entries: `fig.update_layout(**playback(...))`
+    "Play and pause buttons at the left, below the plot, and the frame slider to their right with its label at its right end."
+    still = dict(mode='immediate', transition=dict(duration=0))          # a new request interrupts a running one at once
+    steps = [dict(method='animate', label=str(n), args=[[str(n)], dict(still, frame=dict(duration=0, redraw=True))]) for n in frame_names]
+    buttons = [dict(label='▶', method='animate', args=[None, dict(still, frame=dict(duration=duration, redraw=True), fromcurrent=True)]),
+               dict(label='❚❚', method='animate', args=[[None], dict(still, frame=dict(duration=0, redraw=False))])]
+    return dict(updatemenus=[dict(type='buttons', direction='left', showactive=False, x=0, y=0, xanchor='left', yanchor='top',
+                                  pad=dict(t=10, r=4), buttons=buttons)],
+                sliders=[dict(steps=steps, x=0.2, len=0.8, y=0, yanchor='top', pad=dict(t=10),
+                              currentvalue=dict(prefix=prefix, xanchor='right', font=dict(size=11)))])
 
 # %% ../../nbs/00b_viz.fields.ipynb #8726a7cc
 def animate(traj: Trajectories,          # trajectories to show
@@ -32,19 +47,14 @@ def animate(traj: Trajectories,          # trajectories to show
     ts = torch.linspace(0, data.shape[0] - 1, min(max_frames, data.shape[0])).round().long().unique()
     x, y = (traj.coords[k].float().cpu().numpy() for k in ('x', 'y'))
     lo, hi = data[ts].min().item(), data[ts].max().item()
-    heat = lambda t: go.Heatmap(z=data[t].T.numpy(), x=x, y=y, zmin=lo, zmax=hi, colorscale=colorscale, showscale=False)
+    heat = lambda t: go.Heatmap(z=data[t].T.numpy(), x=x, y=y, zmin=lo, zmax=hi, colorscale=colorscale, colorbar=dict(thickness=10))
     times = traj.time.float().cpu()
     frames = [go.Frame(data=[heat(int(t))], name=f'{times[t].item():.3g}') for t in ts]
-    steps = [dict(method='animate', label=f.name, args=[[f.name], dict(mode='immediate', frame=dict(duration=0, redraw=True))])
-             for f in frames]
     fig = go.Figure(data=[heat(int(ts[0]))], frames=frames)
     fig.update_layout(
-        width=size, height=size + 60, margin=dict(l=10, r=10, t=30, b=10),
+        width=size + 60, height=size + 90, margin=dict(l=10, r=10, t=30, b=70), **playback([f.name for f in frames], 't = '),
         title=dict(text=f'{traj.name}: {field}' + ('' if component is None or data.ndim != 3 else f'[{component}]'), font=dict(size=12)),
-        xaxis=dict(showticklabels=False), yaxis=dict(showticklabels=False, scaleanchor='x'),
-        updatemenus=[dict(type='buttons', showactive=False, x=0, y=0, xanchor='left', yanchor='top', pad=dict(t=5),
-                          buttons=[dict(label='▶', method='animate', args=[None, dict(frame=dict(duration=150, redraw=True), fromcurrent=True)])])],
-        sliders=[dict(steps=steps, x=0.15, len=0.85, y=0, pad=dict(t=5), currentvalue=dict(prefix='t = ', font=dict(size=10)))])
+        xaxis=dict(showticklabels=False), yaxis=dict(showticklabels=False, scaleanchor='x'))
     return fig
 
 # %% ../../nbs/00b_viz.fields.ipynb #a05632f2
