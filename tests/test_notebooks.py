@@ -7,13 +7,24 @@ import pytest
 NBS = Path(__file__).resolve().parents[1] / 'nbs'
 NOTEBOOKS = sorted(p for p in NBS.glob('*.ipynb') if not p.name.startswith('_'))
 # experiment notebooks define no module (no `#| default_exp`); each must keep its papermill `parameters` tag
-EXPERIMENTS = [p for p in NOTEBOOKS if not ''.join(json.loads(p.read_text())['cells'][0]['source']).startswith('#| default_exp')]
+# reading notebooks (the index, the tutorials) define no module and take no parameters; they are named so
+READING = [p for p in NOTEBOOKS if re.match(r'^(00_index|t\d_[a-z0-9_]+)\.ipynb$', p.name)]
+EXPERIMENTS = [p for p in NOTEBOOKS if p not in READING
+               and not ''.join(json.loads(p.read_text())['cells'][0]['source']).startswith('#| default_exp')]
 PARAMETRISED = EXPERIMENTS   # every papermill target is a module-free experiment notebook
 
 def cells(p): return json.loads(p.read_text())['cells']
 
 def test_there_are_numbered_notebooks():
-    assert NOTEBOOKS and all(re.match(r'^\d\d[a-z]?_[a-z_]+(\.[a-z_]+)?\.ipynb$', p.name) for p in NOTEBOOKS), [p.name for p in NOTEBOOKS]
+    assert NOTEBOOKS and all(re.match(r'^\d\d[a-z]?_[a-z_]+(\.[a-z_]+)?\.ipynb$', p.name) or p in READING for p in NOTEBOOKS), [p.name for p in NOTEBOOKS]
+
+
+@pytest.mark.parametrize('nb', READING, ids=lambda p: p.name)
+def test_reading_notebooks_define_nothing_and_take_no_parameters(nb):
+    for c in cells(nb):
+        src = ''.join(c['source'])
+        assert not re.search(r'^#\|\s*(default_exp|export)', src, re.M), f'{nb.name}: a reading notebook defines no module'
+        assert 'parameters' not in c['metadata'].get('tags', []), f'{nb.name}: a reading notebook takes no parameters'
 
 @pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_opens_with_title_and_summary(nb):
@@ -22,7 +33,7 @@ def test_notebook_opens_with_title_and_summary(nb):
     text = ''.join(md['source'])
     assert re.search(r'^# \S', text, re.M), f'{nb.name}: first markdown cell needs an H1'
     assert re.search(r'^> \S', text, re.M), f'{nb.name}: first markdown cell needs a one-line > summary'
-    if nb not in EXPERIMENTS:
+    if nb not in EXPERIMENTS and nb not in READING:
         assert ''.join(cs[0]['source']).startswith('#| default_exp'), f'{nb.name}: first cell must be #| default_exp'
 
 @pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: p.name)
