@@ -119,6 +119,17 @@ def test_the_widgets_render_respond_and_survive_a_reload(lab):
             page.locator('li.lm-Menu-item[data-command="runmenu:run-all"]').click()
             _wait_idle(page, 180)
             explorer, scrubber, projection = (_rendered(page).nth(i) for i in range(3))
+            if not page.locator('.jp-FileBrowser').is_visible():             # 1280 px with the file browser open:
+                page.locator('[data-id="filebrowser"]').first.click()        # every figure fits its output area
+                page.locator('.jp-FileBrowser').wait_for(state='visible', timeout=10_000)
+            time.sleep(1.5)
+            for i, w in enumerate((explorer, scrubber, projection)):
+                area, plot = w.bounding_box(), w.locator('.js-plotly-plot').first.bounding_box()
+                assert plot['x'] + plot['width'] <= area['x'] + area['width'] + 2, (i, plot, area)
+                legend = w.locator('.legend')
+                if legend.count():
+                    box = legend.first.bounding_box()
+                    assert box['x'] + box['width'] <= area['x'] + area['width'] + 2, (i, 'legend', box, area)
 
             _changes(explorer, lambda: explorer.locator('select').nth(1).select_option(index=1), 'the compression dropdown')
             _changes(explorer, lambda: explorer.locator('select').nth(0).select_option('b'), 'the field dropdown')
