@@ -1008,6 +1008,10 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'physnb.viz.widgets.FigureBox': ('viz.widgets.html#figurebox', 'physnb/viz/widgets.py'),
                                     'physnb.viz.widgets.FigureBox._repr_mimebundle_': ( 'viz.widgets.html#figurebox._repr_mimebundle_',
                                                                                         'physnb/viz/widgets.py'),
+                                    'physnb.viz.widgets.LightFigureWidget': ('viz.widgets.html#lightfigurewidget', 'physnb/viz/widgets.py'),
+                                    'physnb.viz.widgets.LightFigureWidget._default_script': ( 'viz.widgets.html#lightfigurewidget._default_script',
+                                                                                              'physnb/viz/widgets.py'),
+                                    'physnb.viz.widgets.PlotlyScript': ('viz.widgets.html#plotlyscript', 'physnb/viz/widgets.py'),
                                     'physnb.viz.widgets.RolloutScrubber': ('viz.widgets.html#rolloutscrubber', 'physnb/viz/widgets.py'),
                                     'physnb.viz.widgets.RolloutScrubber.__init__': ( 'viz.widgets.html#rolloutscrubber.__init__',
                                                                                      'physnb/viz/widgets.py'),
@@ -1031,6 +1035,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                'physnb/viz/widgets.py'),
                                     'physnb.viz.widgets.frames_of': ('viz.widgets.html#frames_of', 'physnb/viz/widgets.py'),
                                     'physnb.viz.widgets.heatmap_row': ('viz.widgets.html#heatmap_row', 'physnb/viz/widgets.py'),
+                                    'physnb.viz.widgets.plotly_script': ('viz.widgets.html#plotly_script', 'physnb/viz/widgets.py'),
                                     'physnb.viz.widgets.rollout_scrubber': ('viz.widgets.html#rollout_scrubber', 'physnb/viz/widgets.py'),
                                     'physnb.viz.widgets.symmetric_range': ('viz.widgets.html#symmetric_range', 'physnb/viz/widgets.py'),
                                     'physnb.viz.widgets.update_panels': ('viz.widgets.html#update_panels', 'physnb/viz/widgets.py')}}}

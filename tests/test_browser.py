@@ -1,21 +1,28 @@
 """The widgets in a real JupyterLab 4, driven by headless Chromium through Playwright.
 
-One small fixture notebook holds the three widgets (the compression explorer, the rollout scrubber, the
-Cramér–Wold projection explorer) on small random data; the test runs it in the browser and, for each widget,
-checks that it renders (a plot with data, not "Error displaying widget" or a bare repr), that each control changes
-the figure (its title, read from the page before and after), and that the browser console shows no errors. Then it
-reloads the tab with the kernel still running and checks the widgets draw again. The server listens on 127.0.0.1
-with a random token, in a temporary folder; server, kernel and browser are stopped at the end.
+1. A small fixture notebook holds the three widgets (the compression explorer, the rollout scrubber, the
+   Cramér–Wold projection explorer) on small random data: each renders (a plot with data, not "Error displaying
+   widget" or a bare repr), each control changes the figure (its title, read from the page before and after),
+   each figure and legend fits its output area at 1280 px with the file browser open, and after saving and
+   reloading the tab with the kernel still running the widgets draw again.
+2. The widget notebooks themselves (03b, 08a), run with Run All: each widget draws and its slider redraws it;
+   saved and reloaded with the kernel running, all draw again (03b's widgets did not, issue 15: plotly's 5 MB
+   script in every figure's state; see `LightFigureWidget`).
+3. The preview page of `physnb preview`: colour bars, play/pause clear of the slider, no page error when the
+   slider is dragged during play.
+The browser console must show no errors in any of them. Servers listen on 127.0.0.1 with a random token, in a
+temporary folder; server, kernels and browser are stopped at the end.
 
 Needs Debian's chromium (`apt-get install chromium`; .ci/run installs it) and `pip install playwright`; never
 `playwright install`. Without them the test skips and says why.
 """
-import json, os, secrets, shutil, signal, socket, subprocess, sys, time, urllib.request
+import contextlib, json, os, secrets, shutil, signal, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 
 import nbformat
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which('chromium') or '/usr/bin/chromium'
 sync_api = pytest.importorskip('playwright.sync_api', reason='playwright is not installed (pip install playwright)')
 if not Path(CHROMIUM).exists(): pytest.skip('no chromium at /usr/bin/chromium (apt-get install chromium)', allow_module_level=True)
@@ -37,20 +44,17 @@ def _free_port() -> int:
         s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
-@pytest.fixture
-def lab(tmp_path):
-    "JupyterLab on 127.0.0.1 with a random token, serving tmp_path; stopped (with its kernels) afterwards."
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS])
-    nb.metadata['kernelspec'] = dict(name='python3', display_name='Python 3', language='python')
-    nbformat.write(nb, tmp_path / 'widgets.ipynb')
+@contextlib.contextmanager
+def jupyterlab(root: Path):
+    "JupyterLab on 127.0.0.1 with a random token, serving `root`; stopped (with its kernels) on leaving."
     port, token = _free_port(), secrets.token_hex(16)
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PHYSNB_PROGRESS': '0', 'JUPYTER_RUNTIME_DIR': str(tmp_path / '.runtime'),
-           'JUPYTERLAB_WORKSPACES_DIR': str(tmp_path / '.workspaces')}
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PHYSNB_PROGRESS': '0', 'JUPYTER_RUNTIME_DIR': str(root / '.runtime'),
+           'JUPYTERLAB_WORKSPACES_DIR': str(root / '.workspaces')}
     cmd = [sys.executable, '-m', 'jupyterlab', '--no-browser', '--ip', '127.0.0.1', '--port', str(port),
-           f'--IdentityProvider.token={token}', f'--ServerApp.root_dir={tmp_path}', '--LabApp.news_url=None',
+           f'--IdentityProvider.token={token}', f'--ServerApp.root_dir={root}', '--LabApp.news_url=None',
            '--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate']
     if hasattr(os, 'geteuid') and os.geteuid() == 0: cmd.append('--allow-root')
-    log = open(tmp_path / 'lab.log', 'w')
+    log = open(root / '.lab.log', 'w')
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f'http://127.0.0.1:{port}'
     try:
@@ -58,13 +62,22 @@ def lab(tmp_path):
             try:
                 urllib.request.urlopen(f'{url}/api/status?token={token}', timeout=1); break
             except OSError: time.sleep(0.1)
-        else: pytest.fail('JupyterLab did not start:\n' + (tmp_path / 'lab.log').read_text()[-2000:])
+        else: raise AssertionError('JupyterLab did not start:\n' + (root / '.lab.log').read_text()[-2000:])
         yield dict(url=url, token=token)
     finally:
         os.killpg(server.pid, signal.SIGTERM)            # the server shuts its kernels down on SIGTERM
         try: server.wait(30)
         except subprocess.TimeoutExpired: os.killpg(server.pid, signal.SIGKILL); server.wait()
         log.close()
+
+
+@pytest.fixture
+def lab(tmp_path):
+    "The fixture notebook (three widgets on small random data) served by JupyterLab."
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS])
+    nb.metadata['kernelspec'] = dict(name='python3', display_name='Python 3', language='python')
+    nbformat.write(nb, tmp_path / 'widgets.ipynb')
+    with jupyterlab(tmp_path) as server: yield server
 
 
 def _wait_idle(page, timeout=120):
@@ -92,16 +105,50 @@ def _changes(widget, act, what):
     raise AssertionError(f'{what} did not change the figure (title still {before!r})')
 
 
-def _rendered(page, n=3):
+def _scroll_through(page):
+    "Bring every output into view once: JupyterLab draws the outputs of cells out of view only when they come into it."
+    for o in page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output').all():
+        try: o.scroll_into_view_if_needed(timeout=2_000)
+        except Exception: pass
+
+
+def _rendered(page, n=3, scroll=False):
+    "The notebook's n widgets, each drawn (a plot with data), with no widget error or bare repr on the page."
     widgets = page.locator(WIDGET)
-    widgets.nth(n - 1).locator('.js-plotly-plot').wait_for(timeout=60_000)
-    text = page.locator('.jp-NotebookPanel:not(.lm-mod-hidden)').inner_text()
-    assert 'Error displaying widget' not in text and 'FigureWidget(' not in text and 'VBox(' not in text, text[-2000:]
+    deadline = time.time() + 60
+    while True:
+        if scroll: _scroll_through(page)
+        text = '\n'.join(page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output').all_inner_texts())
+        assert 'Error displaying widget' not in text and 'FigureWidget(' not in text and 'VBox(' not in text, text[-2000:]
+        drawn = [widgets.nth(i).locator('.js-plotly-plot').count() for i in range(widgets.count())]
+        if len(drawn) >= n and all(drawn): break
+        if time.time() > deadline:
+            page.screenshot(path=str(Path(os.environ.get('PHYSNB_SCREENSHOTS', '/tmp')) / 'widgets_not_drawn.png'))
+            raise AssertionError(f'{n} widgets expected, drawn: {drawn}; the page ends with: {text[-1500:]}')
+        time.sleep(0.5)
     assert widgets.count() == n
     for i in range(n):
         w = widgets.nth(i)
-        assert w.locator('.js-plotly-plot').count() >= 1 and (w.locator('.hm image').count() + w.locator('path.js-line').count()) > 0, i
+        assert (w.locator('.hm image').count() + w.locator('path.js-line').count()) > 0, f'widget {i} draws no data'
     return widgets
+
+
+def _run_all(page, timeout=180):
+    "Wait for the kernel, then Run All and wait until it is done."
+    page.locator('.jp-NotebookPanel .jp-Cell').first.wait_for(timeout=60_000)
+    _wait_idle(page)
+    page.locator('.lm-MenuBar-itemLabel', has_text='Run').click()
+    page.locator('li.lm-Menu-item[data-command="runmenu:run-all"]').click()
+    _wait_idle(page, timeout)
+
+
+def _save_and_reload(page):
+    "Save (the outputs name the widgets; the kernel still holds them), then reload the tab with the kernel running."
+    page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell').first.click()
+    page.keyboard.press('Control+s')
+    page.locator('.jp-mod-dirty').wait_for(state='detached', timeout=30_000)
+    page.reload()
+    page.locator('.jp-NotebookPanel .jp-Cell').first.wait_for(timeout=60_000)
 
 
 def test_the_widgets_render_respond_and_survive_a_reload(lab):
@@ -113,11 +160,7 @@ def test_the_widgets_render_respond_and_survive_a_reload(lab):
             page.on('console', lambda m: errors.append(m.text) if m.type == 'error' else None)
             page.on('pageerror', lambda e: errors.append(str(e)))
             page.goto(f"{lab['url']}/lab/tree/widgets.ipynb?reset&token={lab['token']}")
-            page.locator('.jp-NotebookPanel .jp-Cell').first.wait_for(timeout=60_000)
-            _wait_idle(page)
-            page.locator('.lm-MenuBar-itemLabel', has_text='Run').click()
-            page.locator('li.lm-Menu-item[data-command="runmenu:run-all"]').click()
-            _wait_idle(page, 180)
+            _run_all(page)
             explorer, scrubber, projection = (_rendered(page).nth(i) for i in range(3))
             if not page.locator('.jp-FileBrowser').is_visible():             # 1280 px with the file browser open:
                 page.locator('[data-id="filebrowser"]').first.click()        # every figure fits its output area
@@ -141,15 +184,8 @@ def test_the_widgets_render_respond_and_survive_a_reload(lab):
             _changes(projection, lambda: (projection.locator('.noUi-handle').first.focus(), page.keyboard.press('ArrowRight')),
                      'the angle slider')
 
-            page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell').first.click()
-            page.keyboard.press('Control+s')                # saved outputs name the widgets; the kernel still holds them
-            page.locator('.jp-mod-dirty').wait_for(state='detached', timeout=30_000)
-            page.reload()                                  # the kernel still runs: the widgets must draw again from its state
-            page.locator('.jp-NotebookPanel .jp-Cell').first.wait_for(timeout=60_000)
-            try: _rendered(page)
-            except Exception:
-                page.screenshot(path=str(Path(os.environ.get('PHYSNB_SCREENSHOTS', '/tmp')) / 'after_reload.png'))
-                raise AssertionError('after a reload: ' + page.locator('.jp-NotebookPanel:not(.lm-mod-hidden)').inner_text()[-1500:]) from None
+            _save_and_reload(page)                         # the kernel still runs: the widgets must draw again from its state
+            _rendered(page, scroll=True)
         finally:
             browser.close()
     errors = [e for e in errors if 'favicon' not in e]
@@ -190,4 +226,31 @@ def test_the_preview_animation_has_colour_bars_clear_controls_and_no_page_error(
             assert page.locator('.slider-label').first.text_content().startswith('frame ')
         finally:
             browser.close()
+    assert not errors, errors
+
+
+@pytest.mark.parametrize('name, n_widgets', [('03b_viz.widgets', 2), ('08a_viz.cramer_wold', 1)])
+def test_a_widget_notebook_runs_and_draws_again_after_a_reload(tmp_path, name, n_widgets):
+    "The widget notebooks themselves, run in JupyterLab: each widget draws and its slider redraws it; saved and reloaded with the kernel running, all draw again."
+    nb = nbformat.read(ROOT / 'nbs' / f'{name}.ipynb', as_version=4)
+    nb.cells = [c for c in nb.cells if 'nbdev_export' not in c.source]              # the copy is not in the repository
+    nbformat.write(nb, tmp_path / f'{name}.ipynb')
+    errors = []
+    with jupyterlab(tmp_path) as lab, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=['--no-sandbox'])
+        try:
+            page = browser.new_page(viewport=dict(width=1280, height=900))
+            page.on('console', lambda m: errors.append(m.text) if m.type == 'error' else None)
+            page.on('pageerror', lambda e: errors.append(str(e)))
+            page.goto(f"{lab['url']}/lab/tree/{name}.ipynb?reset&token={lab['token']}")
+            _run_all(page, 400)
+            for i in range(n_widgets):
+                w = _rendered(page, n_widgets, scroll=True).nth(i)
+                w.scroll_into_view_if_needed()
+                _changes(w, lambda: (w.locator('.noUi-handle').first.focus(), page.keyboard.press('ArrowRight')), f'the first slider of widget {i}')
+            _save_and_reload(page)
+            _rendered(page, n_widgets, scroll=True)
+        finally:
+            browser.close()
+    errors = [e for e in errors if 'favicon' not in e]
     assert not errors, errors

@@ -322,3 +322,25 @@ def test_rollout_scrubber_persistence_error_starts_at_zero_and_tracks_the_slider
     well = RolloutScrubber(truth.permute(0, 2, 3, 1), persistence.permute(0, 2, 3, 1), ['u', 'v'], channels_last=True)
     torch.testing.assert_close(well.vrmse, sc.vrmse)
     np.testing.assert_array_equal(z(well.figure, 0), z(RolloutScrubber(truth, persistence, ['u', 'v']).figure, 0))
+
+
+def test_every_figure_carries_a_small_loader_and_shares_one_plotly_script(explorer):
+    # plotly's FigureWidget syncs its ~5 MB script per figure; after a page reload five of them failed to initialise
+    # in anywidget's 2 s (issue 15). The kit's figures sync a 1 kB loader and share one PlotlyScript per kernel.
+    import re, plotly
+    from pathlib import Path
+    from physnb.viz.widgets import LightFigureWidget, PlotlyScript, plotly_script
+    from physnb.viz.cramer_wold import projection_explorer, x_distribution
+    truth = torch.randn(4, 2, 8, 8)
+    figures = [explorer.figure, rollout_scrubber(truth, truth, ['u', 'v']).explorer.figure, projection_explorer(x_distribution(50)).figure]
+    script = plotly_script()
+    for fig in figures:
+        assert isinstance(fig, LightFigureWidget) and fig._script is script
+        state = fig.get_state()
+        assert len(state['_esm']) < 2_000 and state['_script'] == f'IPY_MODEL_{script.model_id}'
+        assert len(json.dumps(state, default=str)) < 300_000
+    bundle = (Path(plotly.__file__).parent / 'package_data' / 'widgetbundle.js').read_text()
+    assert script.code == bundle and re.search(r'export\s*\{[^}]*\bas default\s*\}', bundle)   # the loader calls its default export
+    script.close()                                  # Widget.close_all() or a user closing it: the next figure makes a new one
+    fresh = heatmap_row(['a'])
+    assert isinstance(fresh._script, PlotlyScript) and fresh._script is not script and fresh._script.comm is not None

@@ -14,7 +14,7 @@ from plotly.subplots import make_subplots
 
 from ..core import derive_seed, progress as progress_bar
 from ..models.sigreg import SIGReg, UNIVARIATE_TESTS, epps_pulley_grid, unit_directions
-from .widgets import FigureBox
+from .widgets import FigureBox, LightFigureWidget
 from .fields import playback
 
 
@@ -164,7 +164,7 @@ class ProjectionExplorer:
         fig.update_xaxes(title_text='θ (degrees)', row=1, col=3); fig.update_yaxes(range=[-0.05, 1.05], row=1, col=3)
         fig.update_layout(height=420, autosize=True, margin=dict(l=30, r=10, t=60, b=90), bargap=0.02,   # width: the output area's
                           title=dict(text=self._title(stats)), legend=dict(orientation='h', x=0.66, xanchor='left', y=-0.18, yanchor='top'))
-        self.figure = go.FigureWidget(fig)
+        self.figure = LightFigureWidget(fig)
         return self.figure
 
     def _marker_y(self, name, value):
