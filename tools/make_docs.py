@@ -1,18 +1,46 @@
 """`make docs`: run the notebooks at their smoke defaults and write static HTML pages, with their outputs, to _docs/.
 
 No Quarto here, so nbdev's docs site is out: each notebook is executed by nbclient in `nbs/` (as nbdev-test
-runs it; cells tagged `skip-execution` are skipped), converted by nbconvert's `lab` template, and given plotly.js
-once in its <head>, so every figure opens offline. Widgets show the figure they drew when the notebook ran (their
+runs it; cells tagged `skip-execution` are skipped), then shaped for reading as nbdev's pages are (cells marked
+`#| hide` left out, `#| ...` directive lines dropped, links to other notebooks pointed at their pages), converted
+by nbconvert's `lab` template and given plotly.js once in its <head>, so every figure opens offline (require.js
+and the widget state, which a page needs no more, are left out; MathJax still comes from its CDN, so formulas
+render when online and stay as TeX when not). Widgets show the figure they drew when the notebook ran (their
 static copy). `_docs/index.html` links every page with its run time, or the error that stopped it.
 
     python tools/make_docs.py                      # every notebook (about as long as nbdev-test on one worker)
     python tools/make_docs.py 00_index 08a_viz.cramer_wold --out /tmp/docs
 """
 from __future__ import annotations
-import argparse, html, os, sys, time
+import argparse, html, os, re, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+WIDGET_VIEW = 'application/vnd.jupyter.widget-view+json'
+DIRECTIVE = re.compile(r'^\s*#\|\s*(\S+)')
+
+
+def for_reading(nb):
+    "A run notebook as a page shows it: no `#| hide` cells, no directive lines, widgets as their static copy."
+    cells = []
+    for cell in nb.cells:
+        if cell.cell_type == 'code':
+            lines = cell.source.splitlines()
+            head = [m.group(1) for m in map(DIRECTIVE.match, lines) if m]
+            if 'hide' in head: continue
+            cell.source = '\n'.join(l for l in lines if not DIRECTIVE.match(l)).strip('\n')
+            for out in cell.get('outputs', []):
+                data = out.get('data', {})
+                if WIDGET_VIEW in data:                     # the page has no kernel: the figure as drawn, or a note
+                    del data[WIDGET_VIEW]
+                    if 'text/html' not in data:
+                        data['text/plain'] = '(an interactive widget: open the notebook in JupyterLab and run it to use it)'
+        cells.append(cell)
+    nb.cells = cells
+    nb.metadata.pop('widgets', None)                       # the widget state (MBs of script) serves no page
+    return nb
 
 
 def build(names: list[str] | None = None, out: str | Path = ROOT / '_docs', timeout: int = 900) -> dict:
@@ -37,7 +65,10 @@ def build(names: list[str] | None = None, out: str | Path = ROOT / '_docs', time
             report[path.stem] = round(time.perf_counter() - tic, 1)
         except CellExecutionError as e:                 # the page still shows what ran, and the error
             report[path.stem] = str(e).strip().splitlines()[-1][:300]
-        body, _ = exporter.from_notebook_node(nb)
+        body, _ = exporter.from_notebook_node(for_reading(nb))
+        body = body.replace(f'<script src="{exporter.require_js_url}"></script>', '')           # nothing on the page uses it
+        body = re.sub(r'href="(?!https?:)([^"/]+)\.ipynb(#[^"]*)?"', r'href="\1.html\2"', body)   # notebook links -> pages
+        body = re.sub(r'<script>\s*/\*\*\s*\* plotly\.js v.*?</script>', '', body, flags=re.S)   # plotly's renderer's own copy
         if 'plotly-graph-div' in body: body = body.replace('<head>', head, 1)     # plotly.js once, before any figure
         with atomic_write(out / f'{path.stem}.html') as f: f.write(body)
         print(f'{path.stem}: {report[path.stem]}', file=sys.stderr, flush=True)
