@@ -18,8 +18,8 @@ def pages(tmp_path_factory):
 
 def test_a_notebook_renders_with_its_figures_as_pages_show_them(pages):
     page = (pages / '08a_viz.cramer_wold.html').read_text()
-    assert page.count('plotly.js v') == 1 and 'src="https://cdn.plot.ly' not in page     # plotly.js once, inline
-    assert page.index('plotly.js v') < page.index('plotly-graph-div')                      # before any figure: the page opens offline
+    assert 'plotly.js v' not in page and 'src="https://cdn.plot.ly' not in page           # plotly.js once for all pages, beside them
+    assert page.index('src="plotly.min.js"') < page.index('plotly-graph-div') and (pages / 'plotly.min.js').stat().st_size > 1e6
     assert 'widget-state+json' not in page and 'widget-view+json' not in page and 'require.min.js' not in page
     assert '#| hide' not in page and '#| export' not in page and 'nbdev_export' not in page   # as nbdev's pages show a notebook
     cells = page.split('<div class="jp-Cell ')

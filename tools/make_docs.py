@@ -3,7 +3,8 @@
 No Quarto here, so nbdev's docs site is out: each notebook is executed by nbclient in `nbs/` (as nbdev-test
 runs it; cells tagged `skip-execution` are skipped), then shaped for reading as nbdev's pages are (cells marked
 `#| hide` left out, `#| ...` directive lines dropped, links to other notebooks pointed at their pages), converted
-by nbconvert's `lab` template and given plotly.js once in its <head>, so every figure opens offline (require.js
+by nbconvert's `lab` template, and pointed at one copy of plotly.js beside the pages (`_docs/plotly.min.js`, in
+each page's <head>), so every figure opens offline and the folder holds plotly's 4.8 MB once (require.js
 and the widget state, which a page needs no more, are left out; MathJax still comes from its CDN, so formulas
 render when online and stay as TeX when not). Widgets show the figure they drew when the notebook ran (their
 static copy). `_docs/index.html` links every page with its run time, or the error that stopped it.
@@ -56,7 +57,8 @@ def build(names: list[str] | None = None, out: str | Path = ROOT / '_docs', time
     if missing: raise FileNotFoundError(f"no such notebook(s): {', '.join(missing)}")
     out.mkdir(parents=True, exist_ok=True)
     os.environ.update(PLOTLY_RENDERER='notebook', PHYSNB_PROGRESS='0', OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'))
-    head = f'<head><script type="text/javascript">{plotly.offline.get_plotlyjs()}</script>'
+    head = '<head><script type="text/javascript" src="plotly.min.js"></script>'    # one copy for every page
+    with atomic_write(out / 'plotly.min.js') as f: f.write(plotly.offline.get_plotlyjs())
     exporter, report = HTMLExporter(template_name='lab'), {}
     for path in paths:
         nb, tic = nbformat.read(path, as_version=4), time.perf_counter()
@@ -69,7 +71,7 @@ def build(names: list[str] | None = None, out: str | Path = ROOT / '_docs', time
         body = body.replace(f'<script src="{exporter.require_js_url}"></script>', '')           # nothing on the page uses it
         body = re.sub(r'href="(?!https?:)([^"/]+)\.ipynb(#[^"]*)?"', r'href="\1.html\2"', body)   # notebook links -> pages
         body = re.sub(r'<script>\s*/\*\*\s*\* plotly\.js v.*?</script>', '', body, flags=re.S)   # plotly's renderer's own copy
-        if 'plotly-graph-div' in body: body = body.replace('<head>', head, 1)     # plotly.js once, before any figure
+        if 'plotly-graph-div' in body: body = body.replace('<head>', head, 1)     # plotly.js before any figure
         with atomic_write(out / f'{path.stem}.html') as f: f.write(body)
         print(f'{path.stem}: {report[path.stem]}', file=sys.stderr, flush=True)
     rows = ''.join(f'<li><a href="{html.escape(n)}.html">{html.escape(n)}</a> — '
