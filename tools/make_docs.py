@@ -9,7 +9,7 @@ and the widget state, which a page needs no more, are left out; MathJax still co
 render when online and stay as TeX when not). Widgets show the figure they drew when the notebook ran (their
 static copy). `_docs/index.html` links every page with its run time, or the error that stopped it.
 
-    python tools/make_docs.py                      # every notebook (about as long as nbdev-test on one worker)
+    python tools/make_docs.py                      # every notebook, two at a time (about 4 minutes on two cores)
     python tools/make_docs.py 00_index 08a_viz.cramer_wold --out /tmp/docs
 """
 from __future__ import annotations
@@ -44,36 +44,54 @@ def for_reading(nb):
     return nb
 
 
-def build(names: list[str] | None = None, out: str | Path = ROOT / '_docs', timeout: int = 900) -> dict:
-    "Execute and render the notebooks `names` (stems; default every notebook of nbs/); return {stem: seconds or error}."
-    import nbformat, plotly.offline
+HEAD = '<head><script type="text/javascript" src="plotly.min.js"></script>'    # one copy of plotly.js for every page
+
+
+def render(path: Path, out: Path, timeout: int = 900) -> tuple[str, float | str]:
+    "Execute one notebook in nbs/ and write its page; (stem, seconds, or the error that stopped it)."
+    import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
     from nbconvert import HTMLExporter
+    from physnb.core import atomic_write
+    os.environ.update(PLOTLY_RENDERER='notebook', PHYSNB_PROGRESS='0', OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'))
+    nb, tic = nbformat.read(path, as_version=4), time.perf_counter()
+    try:
+        NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(path.parent)}}).execute()
+        result = round(time.perf_counter() - tic, 1)
+    except CellExecutionError as e:                     # the page still shows what ran, and the error
+        result = str(e).strip().splitlines()[-1][:300]
+    except Exception as e:                              # a dead kernel, a cell over the timeout: named, the others go on
+        result = f'{type(e).__name__}: {e}'[:300]
+    exporter = HTMLExporter(template_name='lab')
+    body, _ = exporter.from_notebook_node(for_reading(nb))
+    body = body.replace(f'<script src="{exporter.require_js_url}"></script>', '')           # nothing on the page uses it
+    body = re.sub(r'href="(?!https?:)([^"/]+)\.ipynb(#[^"]*)?"', r'href="\1.html\2"', body)   # notebook links -> pages
+    body = re.sub(r'<script>\s*/\*\*\s*\* plotly\.js v.*?</script>', '', body, flags=re.S)   # plotly's renderer's own copy
+    if 'plotly-graph-div' in body: body = body.replace('<head>', HEAD, 1)     # plotly.js before any figure
+    with atomic_write(out / f'{path.stem}.html') as f: f.write(body)
+    return path.stem, result
+
+
+def build(names: list[str] | None = None, out: str | Path = ROOT / '_docs', timeout: int = 900,
+          jobs: int = 1) -> dict:
+    "Execute and render the notebooks `names` (stems; default every notebook of nbs/), `jobs` at a time; return {stem: seconds or error}."
+    import plotly.offline
+    from concurrent.futures import ProcessPoolExecutor, as_completed
     from physnb.core import atomic_write
     nbs, out = ROOT / 'nbs', Path(out)
     paths = [nbs / f'{n}.ipynb' for n in names] if names else sorted(p for p in nbs.glob('*.ipynb') if not p.name.startswith(('_', '.')))
     missing = [str(p) for p in paths if not p.is_file()]
     if missing: raise FileNotFoundError(f"no such notebook(s): {', '.join(missing)}")
+    if jobs < 1: raise ValueError(f'jobs={jobs}: at least 1')
     out.mkdir(parents=True, exist_ok=True)
-    os.environ.update(PLOTLY_RENDERER='notebook', PHYSNB_PROGRESS='0', OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'))
-    head = '<head><script type="text/javascript" src="plotly.min.js"></script>'    # one copy for every page
     with atomic_write(out / 'plotly.min.js') as f: f.write(plotly.offline.get_plotlyjs())
-    exporter, report = HTMLExporter(template_name='lab'), {}
-    for path in paths:
-        nb, tic = nbformat.read(path, as_version=4), time.perf_counter()
-        try:
-            NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(nbs)}}).execute()
-            report[path.stem] = round(time.perf_counter() - tic, 1)
-        except CellExecutionError as e:                 # the page still shows what ran, and the error
-            report[path.stem] = str(e).strip().splitlines()[-1][:300]
-        body, _ = exporter.from_notebook_node(for_reading(nb))
-        body = body.replace(f'<script src="{exporter.require_js_url}"></script>', '')           # nothing on the page uses it
-        body = re.sub(r'href="(?!https?:)([^"/]+)\.ipynb(#[^"]*)?"', r'href="\1.html\2"', body)   # notebook links -> pages
-        body = re.sub(r'<script>\s*/\*\*\s*\* plotly\.js v.*?</script>', '', body, flags=re.S)   # plotly's renderer's own copy
-        if 'plotly-graph-div' in body: body = body.replace('<head>', head, 1)     # plotly.js before any figure
-        with atomic_write(out / f'{path.stem}.html') as f: f.write(body)
-        print(f'{path.stem}: {report[path.stem]}', file=sys.stderr, flush=True)
+    report = {}
+    with ProcessPoolExecutor(max_workers=min(jobs, len(paths))) as pool:   # a kernel per notebook, each with one thread
+        for done in as_completed([pool.submit(render, p, out, timeout) for p in paths]):
+            stem, report[stem] = done.result()
+            print(f'{stem}: {report[stem]}', file=sys.stderr, flush=True)
+    report = {p.stem: report[p.stem] for p in paths}
     rows = ''.join(f'<li><a href="{html.escape(n)}.html">{html.escape(n)}</a> — '
                    f'{f"{v} s" if isinstance(v, float) else "<b>failed</b>: " + html.escape(v)}</li>' for n, v in report.items())
     with atomic_write(out / 'index.html') as f:
@@ -88,8 +106,9 @@ if __name__ == '__main__':
     p.add_argument('notebooks', nargs='*', help='notebook stems, e.g. 00_index 08a_viz.cramer_wold (default: all)')
     p.add_argument('--out', default=str(ROOT / '_docs'), help='output folder (default: _docs)')
     p.add_argument('--timeout', type=int, default=900, help='seconds per cell')
+    p.add_argument('--jobs', type=int, default=min(2, os.cpu_count() or 1), help='notebooks run at a time (default: 2, or 1 on one core)')
     a = p.parse_args()
-    report = build(a.notebooks or None, a.out, a.timeout)
+    report = build(a.notebooks or None, a.out, a.timeout, a.jobs)
     failed = [n for n, v in report.items() if not isinstance(v, float)]
     print(f"{len(report) - len(failed)} pages written to {a.out}" + (f"; failed: {', '.join(failed)}" if failed else ''))
     sys.exit(1 if failed else 0)
