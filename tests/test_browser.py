@@ -80,6 +80,20 @@ def lab(tmp_path):
     with jupyterlab(tmp_path) as server: yield server
 
 
+@contextlib.contextmanager
+def _browser_page(errors: list, height: int = 900):
+    "A headless Chromium page 1280 px wide whose console errors and page errors go to `errors`; closed on leaving."
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=['--no-sandbox'])
+        try:
+            page = browser.new_page(viewport=dict(width=1280, height=height))
+            page.on('console', lambda m: errors.append(m.text) if m.type == 'error' else None)
+            page.on('pageerror', lambda e: errors.append(f'page error: {e}'))
+            yield page
+        finally:
+            browser.close()
+
+
 def _wait_idle(page, timeout=120):
     "Until no cell is queued or running and the kernel status reads Idle twice in a row."
     deadline, calm = time.time() + timeout, 0
@@ -153,41 +167,34 @@ def _save_and_reload(page):
 
 def test_the_widgets_render_respond_and_survive_a_reload(lab):
     errors = []
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=['--no-sandbox'])
-        try:
-            page = browser.new_page(viewport=dict(width=1280, height=900))
-            page.on('console', lambda m: errors.append(m.text) if m.type == 'error' else None)
-            page.on('pageerror', lambda e: errors.append(str(e)))
-            page.goto(f"{lab['url']}/lab/tree/widgets.ipynb?reset&token={lab['token']}")
-            _run_all(page)
-            explorer, scrubber, projection = (_rendered(page).nth(i) for i in range(3))
-            if not page.locator('.jp-FileBrowser').is_visible():             # 1280 px with the file browser open:
-                page.locator('[data-id="filebrowser"]').first.click()        # every figure fits its output area
-                page.locator('.jp-FileBrowser').wait_for(state='visible', timeout=10_000)
-            time.sleep(1.5)
-            for i, w in enumerate((explorer, scrubber, projection)):
-                area, plot = w.bounding_box(), w.locator('.js-plotly-plot').first.bounding_box()
-                assert plot['x'] + plot['width'] <= area['x'] + area['width'] + 2, (i, plot, area)
-                legend = w.locator('.legend')
-                if legend.count():
-                    box = legend.first.bounding_box()
-                    assert box['x'] + box['width'] <= area['x'] + area['width'] + 2, (i, 'legend', box, area)
+    with _browser_page(errors) as page:
+        page.goto(f"{lab['url']}/lab/tree/widgets.ipynb?reset&token={lab['token']}")
+        _run_all(page)
+        explorer, scrubber, projection = (_rendered(page).nth(i) for i in range(3))
+        if not page.locator('.jp-FileBrowser').is_visible():             # 1280 px with the file browser open:
+            page.locator('[data-id="filebrowser"]').first.click()        # every figure fits its output area
+            page.locator('.jp-FileBrowser').wait_for(state='visible', timeout=10_000)
+        time.sleep(1.5)
+        for i, w in enumerate((explorer, scrubber, projection)):
+            area, plot = w.bounding_box(), w.locator('.js-plotly-plot').first.bounding_box()
+            assert plot['x'] + plot['width'] <= area['x'] + area['width'] + 2, (i, plot, area)
+            legend = w.locator('.legend')
+            if legend.count():
+                box = legend.first.bounding_box()
+                assert box['x'] + box['width'] <= area['x'] + area['width'] + 2, (i, 'legend', box, area)
 
-            _changes(explorer, lambda: explorer.locator('select').nth(1).select_option(index=1), 'the compression dropdown')
-            _changes(explorer, lambda: explorer.locator('select').nth(0).select_option('b'), 'the field dropdown')
-            for i, what in ((0, 'the sample slider'), (1, 'the time slider')):
-                _changes(explorer, lambda: (explorer.locator('.slider-container .noUi-handle').nth(i).focus(),
-                                            page.keyboard.press('ArrowRight')), what)
-            _changes(scrubber, lambda: (scrubber.locator('.noUi-handle').first.focus(), page.keyboard.press('ArrowRight')), 'the step slider')
-            _changes(scrubber, lambda: scrubber.locator('select').select_option('v'), 'the field dropdown of the scrubber')
-            _changes(projection, lambda: (projection.locator('.noUi-handle').first.focus(), page.keyboard.press('ArrowRight')),
-                     'the angle slider')
+        _changes(explorer, lambda: explorer.locator('select').nth(1).select_option(index=1), 'the compression dropdown')
+        _changes(explorer, lambda: explorer.locator('select').nth(0).select_option('b'), 'the field dropdown')
+        for i, what in ((0, 'the sample slider'), (1, 'the time slider')):
+            _changes(explorer, lambda: (explorer.locator('.slider-container .noUi-handle').nth(i).focus(),
+                                        page.keyboard.press('ArrowRight')), what)
+        _changes(scrubber, lambda: (scrubber.locator('.noUi-handle').first.focus(), page.keyboard.press('ArrowRight')), 'the step slider')
+        _changes(scrubber, lambda: scrubber.locator('select').select_option('v'), 'the field dropdown of the scrubber')
+        _changes(projection, lambda: (projection.locator('.noUi-handle').first.focus(), page.keyboard.press('ArrowRight')),
+                 'the angle slider')
 
-            _save_and_reload(page)                         # the kernel still runs: the widgets must draw again from its state
-            _rendered(page, scroll=True)
-        finally:
-            browser.close()
+        _save_and_reload(page)                         # the kernel still runs: the widgets must draw again from its state
+        _rendered(page, scroll=True)
     errors = [e for e in errors if 'favicon' not in e]
     assert not errors, errors
 
@@ -205,27 +212,20 @@ def test_the_preview_animation_has_colour_bars_clear_controls_and_no_page_error(
     trajs = {n: SYSTEMS[n].simulate(1, res=16, steps=12, seed=0, device='cpu', progress=False) for n in ('gray_scott', 'ns2d')}
     (tmp_path / 'preview.html').write_text(preview_figure(trajs).to_html(include_plotlyjs=True, full_html=True, post_script=QUIET_INTERRUPTS))
     errors = []
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=['--no-sandbox'])
-        try:
-            page = browser.new_page(viewport=dict(width=1280, height=800))
-            page.on('pageerror', lambda e: errors.append(f'page error: {e}'))
-            page.on('console', lambda m: errors.append(m.text) if m.type == 'error' else None)
-            page.goto((tmp_path / 'preview.html').as_uri()); page.wait_for_selector('.slider-container')
-            assert page.locator('.colorbar').count() == 2
-            buttons = [page.locator('.updatemenu-button').nth(i).bounding_box() for i in range(page.locator('.updatemenu-button').count())]
-            assert len(buttons) == 2                                                  # play and pause
-            for part in ('.slider-label', '.slider-rail-rect'):                         # the 'frame N' label and the slider
-                assert not any(_boxes_overlap(b, page.locator(part).first.bounding_box()) for b in buttons), part
-            page.locator('.updatemenu-button').first.click(); time.sleep(0.3)          # play, then drag the slider while it plays
-            rail = page.locator('.slider-rail-rect').first.bounding_box()
-            y = rail['y'] + rail['height'] / 2
-            page.mouse.move(rail['x'] + 5, y); page.mouse.down()
-            for k in range(15): page.mouse.move(rail['x'] + 5 + k * rail['width'] / 16, y); time.sleep(0.03)
-            page.mouse.up(); time.sleep(1)
-            assert page.locator('.slider-label').first.text_content().startswith('frame ')
-        finally:
-            browser.close()
+    with _browser_page(errors, height=800) as page:
+        page.goto((tmp_path / 'preview.html').as_uri()); page.wait_for_selector('.slider-container')
+        assert page.locator('.colorbar').count() == 2
+        buttons = [page.locator('.updatemenu-button').nth(i).bounding_box() for i in range(page.locator('.updatemenu-button').count())]
+        assert len(buttons) == 2                                                  # play and pause
+        for part in ('.slider-label', '.slider-rail-rect'):                         # the 'frame N' label and the slider
+            assert not any(_boxes_overlap(b, page.locator(part).first.bounding_box()) for b in buttons), part
+        page.locator('.updatemenu-button').first.click(); time.sleep(0.3)          # play, then drag the slider while it plays
+        rail = page.locator('.slider-rail-rect').first.bounding_box()
+        y = rail['y'] + rail['height'] / 2
+        page.mouse.move(rail['x'] + 5, y); page.mouse.down()
+        for k in range(15): page.mouse.move(rail['x'] + 5 + k * rail['width'] / 16, y); time.sleep(0.03)
+        page.mouse.up(); time.sleep(1)
+        assert page.locator('.slider-label').first.text_content().startswith('frame ')
     assert not errors, errors
 
 
@@ -236,21 +236,14 @@ def test_a_widget_notebook_runs_and_draws_again_after_a_reload(tmp_path, name, n
     nb.cells = [c for c in nb.cells if 'nbdev_export' not in c.source]              # the copy is not in the repository
     nbformat.write(nb, tmp_path / f'{name}.ipynb')
     errors = []
-    with jupyterlab(tmp_path) as lab, sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=['--no-sandbox'])
-        try:
-            page = browser.new_page(viewport=dict(width=1280, height=900))
-            page.on('console', lambda m: errors.append(m.text) if m.type == 'error' else None)
-            page.on('pageerror', lambda e: errors.append(str(e)))
-            page.goto(f"{lab['url']}/lab/tree/{name}.ipynb?reset&token={lab['token']}")
-            _run_all(page, 400)
-            for i in range(n_widgets):
-                w = _rendered(page, n_widgets, scroll=True).nth(i)
-                w.scroll_into_view_if_needed()
-                _changes(w, lambda: (w.locator('.noUi-handle').first.focus(), page.keyboard.press('ArrowRight')), f'the first slider of widget {i}')
-            _save_and_reload(page)
-            _rendered(page, n_widgets, scroll=True)
-        finally:
-            browser.close()
+    with jupyterlab(tmp_path) as lab, _browser_page(errors) as page:
+        page.goto(f"{lab['url']}/lab/tree/{name}.ipynb?reset&token={lab['token']}")
+        _run_all(page, 400)
+        for i in range(n_widgets):
+            w = _rendered(page, n_widgets, scroll=True).nth(i)
+            w.scroll_into_view_if_needed()
+            _changes(w, lambda: (w.locator('.noUi-handle').first.focus(), page.keyboard.press('ArrowRight')), f'the first slider of widget {i}')
+        _save_and_reload(page)
+        _rendered(page, n_widgets, scroll=True)
     errors = [e for e in errors if 'favicon' not in e]
     assert not errors, errors
