@@ -5,9 +5,9 @@
    widget" or a bare repr), each control changes the figure (its title, read from the page before and after),
    each figure and legend fits its output area at 1280 px with the file browser open, and after saving and
    reloading the tab with the kernel still running the widgets draw again.
-2. The widget notebooks themselves (03b, 08a), run with Run All: each widget draws and its slider redraws it;
-   saved and reloaded with the kernel running, all draw again (03b's widgets did not, issue 15: plotly's 5 MB
-   script in every figure's state; see `LightFigureWidget`).
+2. The widget notebook 03b itself, run with Run All: each widget draws and its slider redraws it; saved and
+   reloaded with the kernel running, all draw again (they did not, issue 15: plotly's 5 MB script in every
+   figure's state; see `LightFigureWidget`). Any other notebook is added by a line in the parametrisation.
 3. The preview page of `physnb preview`: colour bars, play/pause clear of the slider, no page error when the
    slider is dragged during play.
 The browser console must show no errors in any of them. Servers listen on 127.0.0.1 with a random token, in a
@@ -229,7 +229,8 @@ def test_the_preview_animation_has_colour_bars_clear_controls_and_no_page_error(
     assert not errors, errors
 
 
-@pytest.mark.parametrize('name, n_widgets', [('03b_viz.widgets', 2), ('08a_viz.cramer_wold', 1)])
+# 03b, where a reload broke; 08a's explorer is the fixture's third widget, and its notebook (37 s here) is left to make docs
+@pytest.mark.parametrize('name, n_widgets', [('03b_viz.widgets', 2)])
 def test_a_widget_notebook_runs_and_draws_again_after_a_reload(tmp_path, name, n_widgets):
     "The widget notebooks themselves, run in JupyterLab: each widget draws and its slider redraws it; saved and reloaded with the kernel running, all draw again."
     nb = nbformat.read(ROOT / 'nbs' / f'{name}.ipynb', as_version=4)
