@@ -13,7 +13,7 @@ static copy). `_docs/index.html` links every page with its run time, or the erro
     python tools/make_docs.py 00_index 08a_viz.cramer_wold --out /tmp/docs
 """
 from __future__ import annotations
-import argparse, html, os, re, sys, time
+import argparse, html, os, re, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,11 +53,17 @@ def render(path: Path, out: Path, timeout: int = 900) -> tuple[str, float | str]
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
     from nbconvert import HTMLExporter
+    from traitlets.config import Config
     from physnb.core import atomic_write
     os.environ.update(PLOTLY_RENDERER='notebook', PHYSNB_PROGRESS='0', OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'))
     nb, tic = nbformat.read(path, as_version=4), time.perf_counter()
     try:
-        NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(path.parent)}}).execute()
+        # kernels talk over IPC sockets in a folder of their own: two kernels started at once by TCP could pick
+        # the same free port (seen: "Address already in use", then "Kernel died before replying")
+        with tempfile.TemporaryDirectory(prefix='physnb-docs-') as sockets:
+            ipc = Config(KernelManager=dict(transport='ipc', ip=str(Path(sockets) / 'kernel')))
+            NotebookClient(nb, timeout=timeout, kernel_name='python3', config=ipc,      # the client starts and stops it
+                           resources={'metadata': {'path': str(path.parent)}}).execute()
         result = round(time.perf_counter() - tic, 1)
     except CellExecutionError as e:                     # the page still shows what ran, and the error
         result = str(e).strip().splitlines()[-1][:300]
